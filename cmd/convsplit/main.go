@@ -1,0 +1,84 @@
+// Command convsplit restructures TorchScript models for tensor
+// decomposition: it replaces the Conv2d layers listed in a Huawei AMCT
+// decomposition-information file by pairs of smaller Conv2d layers.
+//
+// Usage:
+//
+//	convsplit apply -model IN.pt -info INFO.json -o OUT.pt [-changes CHANGES.json] [-seed N] [-dry-run]
+//
+// Exit status: 0 on success, 1 when the job fails, 2 for usage errors.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+)
+
+// errUsage marks errors in the command line; they exit with status 2.
+var errUsage = errors.New("usage error")
+
+type command struct {
+	name    string
+	summary string
+	run     func(args []string, stdout, stderr io.Writer) error
+}
+
+var commands = []command{
+	{"apply", "replace the layers listed in an AMCT information file and save the model", runApply},
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run executes one command line and returns the exit status.
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "-help" || args[0] == "--help" || args[0] == "help" {
+		printUsage(stderr)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range commands {
+		if c.name != args[0] {
+			continue
+		}
+		err := c.run(args[1:], stdout, stderr)
+		switch {
+		case err == nil:
+			return 0
+		case errors.Is(err, errHelp):
+			return 0
+		case errors.Is(err, errUsage):
+			fmt.Fprintf(stderr, "convsplit %s: %v\n", c.name, err)
+			return 2
+		default:
+			fmt.Fprintf(stderr, "convsplit %s: %v\n", c.name, err)
+			return 1
+		}
+	}
+	fmt.Fprintf(stderr, "convsplit: unknown command %q\n", args[0])
+	printUsage(stderr)
+	return 2
+}
+
+func printUsage(w io.Writer) {
+	fmt.Fprintln(w, "usage: convsplit COMMAND [flags]")
+	fmt.Fprintln(w, "\ncommands:")
+	for _, c := range commands {
+		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\nRun 'convsplit COMMAND -h' for the flags of a command.")
+}
+
+func setupLogging(stderr io.Writer, verbose bool) {
+	level := slog.LevelWarn
+	if verbose {
+		level = slog.LevelDebug
+	}
+	slog.SetDefault(slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})))
+}

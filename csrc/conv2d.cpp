@@ -1,0 +1,546 @@
+// conv2d.cpp: reading the geometry of Conv2d modules, and building new
+// Conv2d and Sequential modules that mirror torch.jit.script of
+// torch.nn.Conv2d and torch.nn.Sequential in torch 1.13.
+#include <torch/csrc/jit/ir/ir.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <unordered_map>
+
+#include "internal.h"
+
+using convsplit::ConvGeometry;
+using convsplit::guard;
+using convsplit::JsonWriter;
+using torch::jit::Module;
+using torch::jit::Node;
+using torch::jit::Value;
+
+namespace convsplit {
+
+void JsonWriter::separate() {
+  if (needComma_) out_ += ',';
+  needComma_ = true;
+}
+
+JsonWriter& JsonWriter::beginObject() {
+  separate();
+  out_ += '{';
+  needComma_ = false;
+  return *this;
+}
+
+JsonWriter& JsonWriter::endObject() {
+  out_ += '}';
+  needComma_ = true;
+  return *this;
+}
+
+JsonWriter& JsonWriter::beginArray() {
+  separate();
+  out_ += '[';
+  needComma_ = false;
+  return *this;
+}
+
+JsonWriter& JsonWriter::endArray() {
+  out_ += ']';
+  needComma_ = true;
+  return *this;
+}
+
+JsonWriter& JsonWriter::key(const std::string& k) {
+  value(k);
+  out_ += ':';
+  needComma_ = false;
+  return *this;
+}
+
+JsonWriter& JsonWriter::value(const std::string& s) {
+  separate();
+  out_ += '"';
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out_ += '\\';
+      out_ += static_cast<char>(c);
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out_ += buf;
+    } else {
+      out_ += static_cast<char>(c);
+    }
+  }
+  out_ += '"';
+  return *this;
+}
+
+JsonWriter& JsonWriter::value(int64_t v) {
+  separate();
+  out_ += std::to_string(v);
+  return *this;
+}
+
+JsonWriter& JsonWriter::value(bool v) {
+  separate();
+  out_ += v ? "true" : "false";
+  return *this;
+}
+
+JsonWriter& JsonWriter::ints(const std::vector<int64_t>& v) {
+  beginArray();
+  for (int64_t x : v) value(x);
+  return endArray();
+}
+
+void writeGeometry(JsonWriter& w, const ConvGeometry& g) {
+  w.beginObject();
+  w.key("in_channels").value(g.in_channels).key("out_channels").value(g.out_channels);
+  w.key("kernel_size").ints(g.kernel_size).key("stride").ints(g.stride);
+  w.key("padding").ints(g.padding).key("dilation").ints(g.dilation);
+  w.key("groups").value(g.groups).key("padding_mode").value(g.padding_mode);
+  w.key("padding_string").value(g.padding_string).key("bias").value(g.bias);
+  w.key("scripted").value(g.scripted).key("channels_last").value(g.channels_last);
+  w.key("training").value(g.training);
+  w.key("dtype").value(std::string(c10::toString(g.dtype)));
+  w.key("weight_shape").ints(g.weight_shape);
+  w.endObject();
+}
+
+}  // namespace convsplit
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Reading geometry.
+
+std::vector<int64_t> pairFromIValue(const c10::IValue& v, const char* what) {
+  std::vector<int64_t> out;
+  if (v.isTuple()) {
+    for (const auto& e : v.toTupleRef().elements()) out.push_back(e.toInt());
+  } else if (v.isIntList()) {
+    out = v.toIntVector();
+  } else if (v.isInt()) {
+    out = {v.toInt(), v.toInt()};
+  }
+  TORCH_CHECK(out.size() == 2, "constant '", what, "' is not a pair of integers");
+  return out;
+}
+
+c10::IValue requireConstant(const c10::ClassTypePtr& type, const char* name) {
+  auto v = type->findConstant(name);
+  TORCH_CHECK(v.has_value(), "scripted Conv2d type ", type->repr_str(), " has no constant '", name, "'");
+  return *v;
+}
+
+void readScripted(const Module& m, ConvGeometry& g) {
+  auto type = m.type();
+  g.scripted = true;
+  g.in_channels = requireConstant(type, "in_channels").toInt();
+  g.out_channels = requireConstant(type, "out_channels").toInt();
+  g.groups = requireConstant(type, "groups").toInt();
+  g.kernel_size = pairFromIValue(requireConstant(type, "kernel_size"), "kernel_size");
+  g.stride = pairFromIValue(requireConstant(type, "stride"), "stride");
+  g.dilation = pairFromIValue(requireConstant(type, "dilation"), "dilation");
+  g.padding_mode = requireConstant(type, "padding_mode").toStringRef();
+  c10::IValue padding = requireConstant(type, "padding");
+  if (padding.isString()) {
+    g.padding_string = padding.toStringRef();
+    g.padding = {0, 0};
+  } else {
+    g.padding = pairFromIValue(padding, "padding");
+  }
+}
+
+// intsOf reads a traced graph's int[] argument: a prim::ListConstruct of
+// integer constants, or one int[] constant.
+std::vector<int64_t> intsOf(Value* v, const char* what) {
+  Node* n = v->node();
+  if (n->kind() == c10::prim::Constant) {
+    auto iv = torch::jit::toIValue(v);
+    TORCH_CHECK(iv && iv->isIntList(), "traced argument '", what, "' is not an int list");
+    return iv->toIntVector();
+  }
+  TORCH_CHECK(n->kind() == c10::prim::ListConstruct,
+              "traced argument '", what, "' is computed by ", n->kind().toQualString(),
+              ", not a constant list");
+  std::vector<int64_t> out;
+  for (Value* e : n->inputs()) {
+    auto iv = torch::jit::toIValue(e);
+    TORCH_CHECK(iv && iv->isInt(), "traced argument '", what, "' has a non-constant element");
+    out.push_back(iv->toInt());
+  }
+  return out;
+}
+
+c10::IValue constantOf(Value* v, const char* what) {
+  auto iv = torch::jit::toIValue(v);
+  TORCH_CHECK(iv.has_value(), "traced argument '", what, "' is not a constant");
+  return *iv;
+}
+
+bool isSelfAttribute(Value* v, Value* self, const char* name) {
+  Node* n = v->node();
+  return n->kind() == c10::prim::GetAttr && n->input(0) == self && n->s(c10::attr::name) == name;
+}
+
+// readTraced recognizes the forward graph that torch.jit.trace records for a
+// Conv2d. For padding_mode='reflect' it looks like
+//
+//   %w = prim::GetAttr[name="weight"](%self)
+//   %p = aten::pad(%input, [1, 1, 1, 1], "reflect", None)
+//   %y = aten::_convolution(%p, %w, %b, [1, 1], [0, 0], [1, 1], False, ...)
+//
+// zero padding has no aten::pad and the padding in _convolution, and
+// padding='same' calls aten::_convolution_mode. Any other graph is rejected,
+// because a geometry guessed from an unknown graph would be wrong silently.
+void readTraced(const Module& m, ConvGeometry& g) {
+  g.scripted = false;
+  auto method = m.find_method("forward");
+  TORCH_CHECK(method.has_value(), "Conv2d has no forward method");
+  auto graph = method->graph();
+  Value* self = graph->inputs().at(0);
+  TORCH_CHECK(graph->inputs().size() == 2, "traced Conv2d forward takes ", graph->inputs().size() - 1,
+              " inputs, expected 1");
+  Value* input = graph->inputs().at(1);
+
+  Node* conv = nullptr;
+  Node* pad = nullptr;
+  for (Node* n : graph->nodes()) {
+    auto kind = n->kind();
+    if (kind == c10::prim::Constant || kind == c10::prim::ListConstruct || kind == c10::prim::GetAttr) {
+      continue;
+    }
+    const std::string name = kind.toQualString();
+    if (name == "aten::_convolution" || name == "aten::_convolution_mode") {
+      TORCH_CHECK(conv == nullptr, "traced Conv2d forward has more than one convolution");
+      conv = n;
+    } else if (name == "aten::pad" || name == "aten::reflection_pad2d" ||
+               name == "aten::replication_pad2d" || name == "aten::_pad_circular") {
+      TORCH_CHECK(pad == nullptr, "traced Conv2d forward pads more than once");
+      pad = n;
+    } else {
+      TORCH_CHECK(false, "traced Conv2d forward has an unrecognized operation ", name);
+    }
+  }
+  TORCH_CHECK(conv != nullptr, "traced Conv2d forward has no aten::_convolution");
+  TORCH_CHECK(graph->outputs().size() == 1 && graph->outputs()[0] == conv->output(),
+              "traced Conv2d forward does not return its convolution");
+  TORCH_CHECK(isSelfAttribute(conv->input(1), self, "weight"), "traced convolution does not use self.weight");
+
+  Value* bias = conv->input(2);
+  if (isSelfAttribute(bias, self, "bias")) {
+    g.bias = true;
+  } else {
+    TORCH_CHECK(bias->node()->kind() == c10::prim::Constant && bias->type()->kind() == c10::TypeKind::NoneType,
+                "traced convolution's bias is neither self.bias nor None");
+    g.bias = false;
+  }
+
+  const bool modeForm = std::string(conv->kind().toQualString()) == "aten::_convolution_mode";
+  g.stride = intsOf(conv->input(3), "stride");
+  if (modeForm) {
+    g.padding_string = constantOf(conv->input(4), "padding").toStringRef();
+    g.padding = {0, 0};
+    g.dilation = intsOf(conv->input(5), "dilation");
+    g.groups = constantOf(conv->input(6), "groups").toInt();
+  } else {
+    g.padding = intsOf(conv->input(4), "padding");
+    g.dilation = intsOf(conv->input(5), "dilation");
+    TORCH_CHECK(!constantOf(conv->input(6), "transposed").toBool(), "traced convolution is transposed");
+    g.groups = constantOf(conv->input(8), "groups").toInt();
+  }
+
+  if (pad == nullptr) {
+    TORCH_CHECK(conv->input(0) == input, "traced convolution does not read the forward input");
+    g.padding_mode = "zeros";
+  } else {
+    TORCH_CHECK(!modeForm, "traced convolution with a padding string also pads explicitly");
+    TORCH_CHECK(pad->input(0) == input && conv->input(0) == pad->output(),
+                "traced padding is not applied to the forward input");
+    const std::string kind = pad->kind().toQualString();
+    if (kind == "aten::pad") {
+      g.padding_mode = constantOf(pad->input(2), "mode").toStringRef();
+    } else if (kind == "aten::reflection_pad2d") {
+      g.padding_mode = "reflect";
+    } else if (kind == "aten::replication_pad2d") {
+      g.padding_mode = "replicate";
+    } else {
+      g.padding_mode = "circular";
+    }
+    // The pad list is (left, right, top, bottom); Conv2d pads symmetrically.
+    auto amounts = intsOf(pad->input(1), "pad");
+    TORCH_CHECK(amounts.size() == 4 && amounts[0] == amounts[1] && amounts[2] == amounts[3],
+                "traced padding is not symmetric");
+    TORCH_CHECK(g.padding == std::vector<int64_t>({0, 0}), "traced convolution pads twice");
+    g.padding = {amounts[2], amounts[0]};
+  }
+  TORCH_CHECK(g.stride.size() == 2 && g.padding.size() == 2 && g.dilation.size() == 2,
+              "traced convolution is not two-dimensional");
+}
+
+ConvGeometry readGeometry(const Module& m) {
+  TORCH_CHECK(convsplit::isConv2dType(m.type()), "module of type ", m.type()->repr_str(), " is not a Conv2d");
+  ConvGeometry g;
+  auto weightSlot = m.type()->findAttributeSlot("weight");
+  TORCH_CHECK(weightSlot.has_value(), "Conv2d has no weight");
+  c10::IValue weightValue = m._ivalue()->getSlot(*weightSlot);
+  TORCH_CHECK(weightValue.isTensor(), "Conv2d weight is not a tensor");
+  at::Tensor weight = weightValue.toTensor();
+  TORCH_CHECK(weight.dim() == 4, "Conv2d weight has ", weight.dim(), " dimensions, expected 4");
+
+  if (m.type()->findConstant("kernel_size").has_value()) {
+    readScripted(m, g);
+    auto biasSlot = m.type()->findAttributeSlot("bias");
+    g.bias = biasSlot.has_value() && m._ivalue()->getSlot(*biasSlot).isTensor();
+  } else {
+    readTraced(m, g);
+    g.out_channels = weight.size(0);
+    g.in_channels = weight.size(1) * g.groups;
+    g.kernel_size = {weight.size(2), weight.size(3)};
+  }
+  g.dtype = weight.scalar_type();
+  g.weight_shape = weight.sizes().vec();
+  g.channels_last = !weight.is_contiguous() && weight.is_contiguous(at::MemoryFormat::ChannelsLast);
+  g.training = m.is_training();
+  return g;
+}
+
+// ---------------------------------------------------------------------------
+// Building modules.
+
+std::string tupleSource(const std::vector<int64_t>& v) {
+  return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")";
+}
+
+std::string listSource(const std::vector<int64_t>& v) {
+  return "[" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + "]";
+}
+
+// conv2dSource is the TorchScript of a Conv2d's methods with its
+// configuration inlined, as torch.jit.script writes it.
+std::string conv2dSource(const ConvGeometry& g) {
+  std::string stride = listSource(g.stride), dilation = listSource(g.dilation);
+  std::string groups = std::to_string(g.groups);
+  std::string call;
+  if (g.padding_mode == "zeros") {
+    call = "torch.conv2d(input, weight, bias, " + stride + ", " + listSource(g.padding) + ", " + dilation +
+           ", " + groups + ")";
+  } else {
+    call = "torch.conv2d(torch.pad(input, self._reversed_padding_repeated_twice, \"" + g.padding_mode +
+           "\"), weight, bias, " + stride + ", [0, 0], " + dilation + ", " + groups + ")";
+  }
+  return "def forward(self, input: Tensor) -> Tensor:\n"
+         "    return self._conv_forward(input, self.weight, self.bias)\n"
+         "def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:\n"
+         "    return " + call + "\n";
+}
+
+std::string configKey(const ConvGeometry& g) {
+  std::ostringstream key;
+  key << g.in_channels << '/' << g.out_channels << '/' << tupleSource(g.kernel_size) << tupleSource(g.stride)
+      << tupleSource(g.padding) << tupleSource(g.dilation) << '/' << g.groups << '/' << g.padding_mode;
+  return key.str();
+}
+
+void checkSpec(const ConvGeometry& g) {
+  TORCH_CHECK(g.in_channels > 0 && g.out_channels > 0 && g.groups > 0, "Conv2d channels and groups must be positive");
+  TORCH_CHECK(g.in_channels % g.groups == 0 && g.out_channels % g.groups == 0,
+              "Conv2d channels must be divisible by groups");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(g.kernel_size[i] > 0 && g.stride[i] > 0 && g.dilation[i] > 0 && g.padding[i] >= 0,
+                "Conv2d kernel, stride and dilation must be positive and padding non-negative");
+  }
+  TORCH_CHECK(g.padding_mode == "zeros" || g.padding_mode == "reflect" || g.padding_mode == "replicate" ||
+                  g.padding_mode == "circular",
+              "unknown padding mode '", g.padding_mode, "'");
+  TORCH_CHECK(g.dtype == c10::kFloat || g.dtype == c10::kDouble || g.dtype == c10::kHalf ||
+                  g.dtype == c10::kBFloat16,
+              "Conv2d parameters of dtype ", c10::toString(g.dtype), " are not supported");
+}
+
+// defaultParameters draws what torch.nn.Conv2d's constructor draws: the
+// weight by kaiming_uniform_ with a = sqrt(5), so uniform in
+// (-1/sqrt(fan_in), 1/sqrt(fan_in)), then the bias uniform in the same range.
+// Both are drawn in float32 on contiguous tensors and only then cast and laid
+// out, so that a seeded run draws the same numbers as Python.
+std::pair<at::Tensor, at::Tensor> defaultParameters(const ConvGeometry& g) {
+  torch::NoGradGuard no_grad;
+  const int64_t inPerGroup = g.in_channels / g.groups;
+  at::Tensor weight = torch::empty({g.out_channels, inPerGroup, g.kernel_size[0], g.kernel_size[1]});
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0), torch::kFanIn, torch::kLeakyReLU);
+  at::Tensor bias;
+  if (g.bias) {
+    const int64_t fanIn = inPerGroup * g.kernel_size[0] * g.kernel_size[1];
+    const double bound = fanIn > 0 ? 1.0 / std::sqrt(static_cast<double>(fanIn)) : 0.0;
+    bias = torch::empty({g.out_channels});
+    bias.uniform_(-bound, bound);
+    bias = bias.to(g.dtype);
+  }
+  weight = weight.to(g.dtype);
+  if (g.channels_last) weight = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  weight.set_requires_grad(true);
+  if (bias.defined()) bias.set_requires_grad(true);
+  return {weight, bias};
+}
+
+}  // namespace
+
+struct cs_builder {
+  std::shared_ptr<torch::jit::CompilationUnit> cu;
+  // Types made by this builder, by configuration, so each is compiled once.
+  std::unordered_map<std::string, c10::ClassTypePtr> types;
+};
+
+namespace {
+
+c10::ClassTypePtr conv2dType(cs_builder* b, const ConvGeometry& g) {
+  const std::string key = "conv2d:" + configKey(g);
+  auto found = b->types.find(key);
+  if (found != b->types.end()) return found->second;
+
+  Module m(c10::QualifiedName("__torch__.torch.nn.modules.conv.Conv2d"), b->cu, /*shouldMangle=*/true);
+  auto type = m.type();
+  // Attribute and constant order as torch.jit.script gives them in torch 1.13.
+  type->addAttribute("weight", c10::TensorType::get(), /*is_parameter=*/true);
+  type->addAttribute("bias", c10::OptionalType::create(c10::TensorType::get()), /*is_parameter=*/true);
+  type->addAttribute("training", c10::BoolType::get());
+  type->addAttribute("_is_full_backward_hook", c10::NoneType::get());
+  type->addAttribute("transposed", c10::BoolType::get());
+  type->addAttribute("_reversed_padding_repeated_twice", c10::ListType::ofInts());
+  auto pair = [](const std::vector<int64_t>& v) {
+    return c10::ivalue::Tuple::create(c10::IValue(v[0]), c10::IValue(v[1]));
+  };
+  type->addConstant("in_channels", g.in_channels);
+  type->addConstant("padding", pair(g.padding));
+  type->addConstant("stride", pair(g.stride));
+  type->addConstant("output_padding", pair({0, 0}));
+  type->addConstant("kernel_size", pair(g.kernel_size));
+  type->addConstant("out_channels", g.out_channels);
+  type->addConstant("dilation", pair(g.dilation));
+  type->addConstant("padding_mode", g.padding_mode);
+  type->addConstant("groups", g.groups);
+  m.define(conv2dSource(g));
+  b->types.emplace(key, type);
+  return type;
+}
+
+Module newConv2d(cs_builder* b, const ConvGeometry& g) {
+  checkSpec(g);
+  auto type = conv2dType(b, g);
+  auto [weight, bias] = defaultParameters(g);
+  Module m(c10::ivalue::Object::create(c10::StrongTypePtr(b->cu, type), type->numAttributes()));
+  m._ivalue()->setSlot(*type->findAttributeSlot("weight"), weight);
+  m._ivalue()->setSlot(*type->findAttributeSlot("bias"), bias.defined() ? c10::IValue(bias) : c10::IValue());
+  m._ivalue()->setSlot(*type->findAttributeSlot("training"), g.training);
+  m._ivalue()->setSlot(*type->findAttributeSlot("_is_full_backward_hook"), c10::IValue());
+  m._ivalue()->setSlot(*type->findAttributeSlot("transposed"), false);
+  // F.pad takes (left, right, top, bottom): the padding reversed, each twice.
+  std::vector<int64_t> reversed{g.padding[1], g.padding[1], g.padding[0], g.padding[0]};
+  m._ivalue()->setSlot(*type->findAttributeSlot("_reversed_padding_repeated_twice"), c10::IValue(reversed));
+  return m;
+}
+
+std::string sequentialSource(size_t n, const std::vector<std::string>& aliases) {
+  std::string src = "def forward(self, input: Tensor) -> Tensor:\n";
+  for (size_t i = 0; i < n; ++i) {
+    src += "    input = getattr(self, \"" + std::to_string(i) + "\").forward(input)\n";
+  }
+  src += "    return input\n";
+  src += "def __len__(self) -> int:\n    return " + std::to_string(n) + "\n";
+  for (const auto& alias : aliases) {
+    src += "def " + alias + "(self, input: Tensor) -> Tensor:\n    return self.forward(input)\n";
+  }
+  return src;
+}
+
+bool isIdentifier(const std::string& s) {
+  if (s.empty() || std::isdigit(static_cast<unsigned char>(s[0]))) return false;
+  for (unsigned char c : s) {
+    if (!std::isalnum(c) && c != '_') return false;
+  }
+  return true;
+}
+
+Module newSequential(cs_builder* b, const std::vector<Module>& children, const std::vector<std::string>& aliases,
+                     bool training) {
+  TORCH_CHECK(!children.empty(), "a Sequential needs at least one child");
+  std::string key = "sequential:";
+  for (const auto& c : children) key += c.type()->name()->qualifiedName() + ",";
+  for (const auto& a : aliases) {
+    TORCH_CHECK(isIdentifier(a) && a != "forward" && a != "__len__", "invalid method alias '", a, "'");
+    key += a + ";";
+  }
+
+  c10::ClassTypePtr type;
+  auto found = b->types.find(key);
+  if (found != b->types.end()) {
+    type = found->second;
+  } else {
+    Module m(c10::QualifiedName("__torch__.torch.nn.modules.container.Sequential"), b->cu, /*shouldMangle=*/true);
+    type = m.type();
+    type->addAttribute("training", c10::BoolType::get());
+    type->addAttribute("_is_full_backward_hook", c10::NoneType::get());
+    for (size_t i = 0; i < children.size(); ++i) type->addAttribute(std::to_string(i), children[i].type());
+    m.define(sequentialSource(children.size(), aliases));
+    b->types.emplace(key, type);
+  }
+
+  Module m(c10::ivalue::Object::create(c10::StrongTypePtr(b->cu, type), type->numAttributes()));
+  m._ivalue()->setSlot(*type->findAttributeSlot("training"), training);
+  m._ivalue()->setSlot(*type->findAttributeSlot("_is_full_backward_hook"), c10::IValue());
+  for (size_t i = 0; i < children.size(); ++i) {
+    m._ivalue()->setSlot(*type->findAttributeSlot(std::to_string(i)), children[i]._ivalue());
+  }
+  return m;
+}
+
+}  // namespace
+
+extern "C" {
+
+int cs_conv2d_geometry(cs_module* m, char** json, char** err) {
+  return guard(err, [&] {
+    JsonWriter w;
+    convsplit::writeGeometry(w, readGeometry(m->module));
+    *json = convsplit::copyString(w.str());
+  });
+}
+
+int cs_builder_new(cs_module* owner, cs_builder** out, char** err) {
+  return guard(err, [&] { *out = new cs_builder{owner->module._ivalue()->compilation_unit(), {}}; });
+}
+
+void cs_builder_free(cs_builder* b) { delete b; }
+
+int cs_builder_conv2d(cs_builder* b, const cs_conv2d_spec* spec, cs_module** out, char** err) {
+  return guard(err, [&] {
+    ConvGeometry g;
+    g.in_channels = spec->in_channels;
+    g.out_channels = spec->out_channels;
+    g.groups = spec->groups;
+    g.kernel_size = {spec->kernel_size[0], spec->kernel_size[1]};
+    g.stride = {spec->stride[0], spec->stride[1]};
+    g.padding = {spec->padding[0], spec->padding[1]};
+    g.dilation = {spec->dilation[0], spec->dilation[1]};
+    g.padding_mode = spec->padding_mode ? spec->padding_mode : "zeros";
+    g.bias = spec->bias != 0;
+    g.dtype = static_cast<c10::ScalarType>(spec->dtype);
+    g.channels_last = spec->channels_last != 0;
+    g.training = spec->training != 0;
+    *out = new cs_module{newConv2d(b, g), nullptr};
+  });
+}
+
+int cs_builder_sequential(cs_builder* b, cs_module** children, int n_children, const char** aliases, int n_aliases,
+                          int training, cs_module** out, char** err) {
+  return guard(err, [&] {
+    std::vector<Module> kids;
+    for (int i = 0; i < n_children; ++i) kids.push_back(children[i]->module);
+    std::vector<std::string> names;
+    for (int i = 0; i < n_aliases; ++i) names.emplace_back(aliases[i]);
+    *out = new cs_module{newSequential(b, kids, names, training != 0), nullptr};
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,100 @@
+/*
+ * convsplit.h: the plain C API of the convsplit shim over libtorch.
+ *
+ * Every handle is opaque and owned by the caller, who releases it with the
+ * matching *_free function. Calls that can fail return 0 on success and 1 on
+ * failure; on failure *err receives a message allocated with malloc, which
+ * the caller releases with cs_free. No C++ exception crosses this boundary.
+ *
+ * Functions that return lists or records return them as JSON text (also
+ * released with cs_free), which keeps the boundary free of C++ types.
+ */
+#ifndef CONVSPLIT_H
+#define CONVSPLIT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cs_module cs_module;
+typedef struct cs_tensor cs_tensor;
+typedef struct cs_builder cs_builder;
+
+void cs_free(void* p);
+
+/* Seeds libtorch's default CPU generator, as Python's torch.manual_seed does. */
+void cs_manual_seed(uint64_t seed);
+
+/* Modules. */
+int cs_module_load(const char* path, cs_module** out, char** err);
+int cs_module_save(cs_module* m, const char* path, char** err);
+void cs_module_free(cs_module* m);
+int cs_module_clone(cs_module* m, cs_module** out, char** err);
+int cs_module_submodule(cs_module* m, const char* path, cs_module** out, char** err);
+int cs_module_named_modules(cs_module* m, char** json, char** err);
+int cs_module_method_names(cs_module* m, char** json, char** err);
+int cs_module_state_dict(cs_module* m, char** json, char** err);
+int cs_module_train(cs_module* m, int on, char** err);
+int cs_module_is_training(cs_module* m, int* out, char** err);
+int cs_module_same_object(cs_module* a, cs_module* b);
+int cs_module_parameter(cs_module* m, const char* name, cs_tensor** out, char** err);
+int cs_module_set_parameter(cs_module* m, const char* name, cs_tensor* t, char** err);
+int cs_module_forward(cs_module* m, cs_tensor** inputs, int n_inputs,
+                      cs_tensor*** outputs, int* n_outputs, char** err);
+
+/* Conv2d introspection: geometry of the Conv2d module m as JSON. */
+int cs_conv2d_geometry(cs_module* m, char** json, char** err);
+
+/*
+ * Builders make new modules in the compilation unit of an existing module,
+ * so that they can join its tree. A builder compiles each distinct layer
+ * configuration once.
+ */
+int cs_builder_new(cs_module* owner, cs_builder** out, char** err);
+void cs_builder_free(cs_builder* b);
+/* cs_conv2d_spec describes a Conv2d for cs_builder_conv2d. */
+typedef struct cs_conv2d_spec {
+  int64_t in_channels, out_channels, groups;
+  int64_t kernel_size[2], stride[2], padding[2], dilation[2];
+  const char* padding_mode; /* zeros, reflect, replicate or circular */
+  int bias;                 /* nonzero: the layer has a bias */
+  int dtype;                /* c10::ScalarType of the parameters */
+  int channels_last;        /* nonzero: weight stored channels-last */
+  int training;             /* the new module's training flag */
+} cs_conv2d_spec;
+
+/* Makes a Conv2d with default-initialized parameters, drawn as
+ * torch.nn.Conv2d's constructor draws them. */
+int cs_builder_conv2d(cs_builder* b, const cs_conv2d_spec* spec, cs_module** out, char** err);
+/* aliases: names of extra methods (such as forward1) that run forward. */
+int cs_builder_sequential(cs_builder* b, cs_module** children, int n_children,
+                          const char** aliases, int n_aliases, int training,
+                          cs_module** out, char** err);
+
+/*
+ * Replaces the submodules at the dotted paths with the given modules, all or
+ * nothing: every check runs before anything changes.
+ */
+int cs_module_replace(cs_module* root, const char** paths, cs_module** replacements,
+                      int n, char** err);
+
+/* Tensors. dtype codes are c10::ScalarType values. */
+int cs_tensor_from_data(const void* data, int dtype, const int64_t* shape, int ndim,
+                        cs_tensor** out, char** err);
+void cs_tensor_free(cs_tensor* t);
+int cs_tensor_dtype(cs_tensor* t);
+int cs_tensor_ndim(cs_tensor* t);
+void cs_tensor_shape(cs_tensor* t, int64_t* shape);
+int cs_tensor_copy_data(cs_tensor* t, void* buf, size_t nbytes, char** err);
+int cs_tensor_same(cs_tensor* a, cs_tensor* b);
+int cs_tensor_channels_last(cs_tensor* t);
+int cs_tensor_requires_grad(cs_tensor* t);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,403 @@
+// surgery.cpp: replacing submodules of a live TorchScript module.
+//
+// A TorchScript module's children are typed attributes of its class type,
+// and its methods reach them through prim::GetAttr and call them through
+// prim::CallMethod. Putting a Sequential where a Conv2d was therefore means
+// changing the declared attribute types of every module between the root and
+// the layer, and the output types of the GetAttr nodes that read them.
+//
+// The work runs in three phases so that a failure changes nothing:
+//   1. check: paths, aliasing, and every use of each layer in the graphs;
+//   2. build: new class types, objects and method graphs, out of the tree;
+//   3. commit: attribute types, slots and methods, which do not throw.
+#include <torch/csrc/jit/api/function_impl.h>
+#include <torch/csrc/jit/ir/ir.h>
+
+#include <algorithm>
+#include <set>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "internal.h"
+
+using convsplit::guard;
+using torch::jit::Block;
+using torch::jit::Module;
+using torch::jit::Node;
+using torch::jit::Value;
+
+namespace {
+
+std::string displayPath(const std::string& path) { return path.empty() ? "<root>" : path; }
+
+std::string join(const std::string& parent, const std::string& name) {
+  return parent.empty() ? name : parent + "." + name;
+}
+
+std::string parentOf(const std::string& path) {
+  size_t dot = path.rfind('.');
+  return dot == std::string::npos ? "" : path.substr(0, dot);
+}
+
+std::string baseName(const std::string& path) {
+  size_t dot = path.rfind('.');
+  return dot == std::string::npos ? path : path.substr(dot + 1);
+}
+
+// A module between the root and a replaced layer: its type must change.
+struct Change {
+  std::string path;
+  Module object;
+  c10::ClassTypePtr oldType;
+  // copy: the type is shared with another module of the tree, so this module
+  // becomes a new object of a new type; otherwise its type changes in place.
+  bool copy = false;
+  c10::ClassTypePtr newType;
+  c10::intrusive_ptr<c10::ivalue::Object> newObject;
+  std::map<std::string, c10::IValue> children;           // attribute -> new child
+  std::map<std::string, c10::TypePtr> attributeTypes;    // attribute -> new declared type
+  // New method graphs and schemas, in method order. A copied type gets its
+  // functions while it is built; an in-place type gets them at commit.
+  struct Method {
+    std::string name;
+    std::shared_ptr<torch::jit::Graph> graph;
+    c10::FunctionSchema schema;
+  };
+  std::vector<Method> methods;
+  size_t depth() const { return path.empty() ? 0 : convsplit::splitPath(path).size(); }
+};
+
+struct Plan {
+  Module root;
+  std::shared_ptr<torch::jit::CompilationUnit> cu;
+  std::map<std::string, Module> replacements;  // layer path -> new module
+  std::map<std::string, Change> changes;       // ancestor path -> change
+};
+
+// ---------------------------------------------------------------------------
+// Phase 1: checks.
+
+void checkPaths(Plan& plan, const std::vector<std::string>& paths) {
+  std::set<std::string> seen;
+  for (const auto& path : paths) {
+    TORCH_CHECK(!path.empty(), "the root module cannot be replaced in place; use the new module instead");
+    TORCH_CHECK(seen.insert(path).second, "layer '", path, "' is listed twice");
+  }
+  for (const auto& a : seen) {
+    for (const auto& b : seen) {
+      TORCH_CHECK(a == b || b.compare(0, a.size() + 1, a + ".") != 0, "layer '", b,
+                  "' lies inside layer '", a, "', which is replaced too");
+    }
+  }
+}
+
+// checkAliasing rejects trees in which a changed module is reachable by two
+// paths: replacing it under one name would silently change the other.
+void checkAliasing(const Plan& plan) {
+  std::unordered_map<const c10::ivalue::Object*, std::string> firstPath;
+  std::unordered_set<std::string> involved;
+  for (const auto& r : plan.replacements) involved.insert(r.first);
+  for (const auto& c : plan.changes) involved.insert(c.first);
+  for (const auto& item : plan.root.named_modules()) {
+    auto [it, inserted] = firstPath.emplace(item.value._ivalue().get(), item.name);
+    if (!inserted && (involved.count(item.name) || involved.count(it->second))) {
+      TORCH_CHECK(false, "module '", displayPath(item.name), "' is the same object as '", displayPath(it->second),
+                  "'; replacing a layer reachable by two paths is not supported");
+    }
+  }
+}
+
+std::string describeUse(const torch::jit::Use& use) {
+  Node* user = use.user;
+  if (user->kind() == c10::prim::GetAttr) return "reads its attribute '" + user->s(c10::attr::name) + "'";
+  if (user->kind() == c10::prim::SetAttr) return "writes its attribute '" + user->s(c10::attr::name) + "'";
+  if (user->kind() == c10::prim::CallMethod && use.offset == 0) {
+    return "calls its method '" + user->s(c10::attr::name) + "'";
+  }
+  return std::string("passes it to ") + user->kind().toQualString();
+}
+
+// replacementAccepts tells whether a use of a replaced layer still works when
+// the replacement stands in its place: only calls of methods the replacement
+// has, with the same number of arguments.
+bool replacementAccepts(const torch::jit::Use& use, const Module& replacement) {
+  Node* user = use.user;
+  if (user->kind() != c10::prim::CallMethod || use.offset != 0) return false;
+  auto* method = replacement.type()->findMethod(user->s(c10::attr::name));
+  return method != nullptr && method->getSchema().arguments().size() == user->inputs().size();
+}
+
+// checkUsesInBlock follows module values from self through GetAttr nodes and
+// checks each use of a replaced layer or of a module whose type changes.
+void checkUsesInBlock(const Plan& plan, Block* block, std::unordered_map<Value*, std::string>& paths,
+                      const std::string& owner, const std::string& method) {
+  for (Node* node : block->nodes()) {
+    for (Block* sub : node->blocks()) checkUsesInBlock(plan, sub, paths, owner, method);
+    if (node->kind() != c10::prim::GetAttr) continue;
+    auto found = paths.find(node->input(0));
+    if (found == paths.end()) continue;
+    auto cls = node->output()->type()->cast<c10::ClassType>();
+    if (!cls || !cls->is_module()) continue;
+
+    const std::string path = join(found->second, node->s(c10::attr::name));
+    paths[node->output()] = path;
+    auto replaced = plan.replacements.find(path);
+    if (replaced != plan.replacements.end()) {
+      for (const auto& use : node->output()->uses()) {
+        TORCH_CHECK(replacementAccepts(use, replaced->second), "layer '", path, "': method '", method,
+                    "' of module '", displayPath(owner), "' ", describeUse(use),
+                    ", which the replacement cannot keep");
+      }
+    } else if (plan.changes.count(path)) {
+      for (const auto& use : node->output()->uses()) {
+        Node* user = use.user;
+        bool ok = use.offset == 0 && (user->kind() == c10::prim::GetAttr || user->kind() == c10::prim::CallMethod);
+        TORCH_CHECK(ok, "module '", path, "', which contains a replaced layer: method '", method,
+                    "' of module '", displayPath(owner), "' ", describeUse(use),
+                    ", which a change of its type would break");
+      }
+    }
+  }
+}
+
+void checkUses(const Plan& plan) {
+  for (const auto& [path, change] : plan.changes) {
+    auto type = change.oldType;
+    TORCH_CHECK(type->getForwardHooks().empty() && type->getForwardPreHooks().empty(),
+                "module '", displayPath(path), "' has forward hooks, which are not supported");
+    TORCH_CHECK(type->properties().empty(), "module '", displayPath(path),
+                "' has properties, which are not supported");
+    for (auto* fn : type->methods()) {
+      auto graph = torch::jit::toGraphFunction(*fn).graph();
+      std::unordered_map<Value*, std::string> paths{{graph->inputs().at(0), path}};
+      checkUsesInBlock(plan, graph->block(), paths, path, fn->name());
+    }
+  }
+}
+
+void checkReplacement(const Plan& plan, const std::string& path, const Module& replacement) {
+  auto cu = replacement.type()->compilation_unit();
+  TORCH_CHECK(cu.get() == plan.cu.get(), "the replacement for layer '", path,
+              "' was built for another model; build it with a builder of this model");
+  TORCH_CHECK(replacement._ivalue().get() != plan.root._ivalue().get(), "layer '", path,
+              "' cannot be replaced by the root module");
+}
+
+// ---------------------------------------------------------------------------
+// Phase 2: building the new types, objects and methods.
+
+// countInstances counts the distinct module objects of each class type.
+std::unordered_map<const c10::ClassType*, int> countInstances(const Module& root) {
+  std::unordered_map<const c10::ClassType*, int> counts;
+  std::unordered_set<const c10::ivalue::Object*> seen;
+  for (const auto& m : root.modules()) {
+    if (seen.insert(m._ivalue().get()).second) counts[m.type().get()]++;
+  }
+  return counts;
+}
+
+c10::TypePtr newAttributeType(const Change& change, const std::string& name, const c10::TypePtr& childType) {
+  c10::TypePtr declared = change.oldType->getAttribute(name);
+  if (declared->cast<c10::InterfaceType>()) {
+    // Interface-typed attributes keep their type; the new child must still
+    // provide the interface's methods.
+    TORCH_CHECK(childType->isSubtypeOf(*declared), "the new child '", join(change.path, name),
+                "' does not implement the interface ", declared->repr_str());
+    return declared;
+  }
+  TORCH_CHECK(declared->cast<c10::ClassType>(), "attribute '", join(change.path, name), "' is declared as ",
+              declared->repr_str(), ", not as a module type");
+  return childType;
+}
+
+void buildCopy(Plan& plan, Change& change) {
+  auto name = plan.cu->mangle(*change.oldType->name());
+  change.newType = c10::ClassType::create(name, plan.cu, /*is_module=*/true);
+  const auto& old = change.oldType;
+  for (size_t i = 0; i < old->numAttributes(); ++i) {
+    const std::string attr = old->getAttributeName(i);
+    auto changed = change.attributeTypes.find(attr);
+    c10::TypePtr type = changed != change.attributeTypes.end() ? changed->second : old->getAttribute(i);
+    change.newType->addAttribute(attr, type, old->is_parameter(i), old->is_buffer(i));
+  }
+  for (size_t i = 0; i < old->numConstants(); ++i) {
+    change.newType->addConstant(old->getConstantName(i), old->getConstant(i));
+  }
+  change.newObject = c10::ivalue::Object::create(c10::StrongTypePtr(plan.cu, change.newType), old->numAttributes());
+  for (size_t i = 0; i < old->numAttributes(); ++i) {
+    change.newObject->setSlot(i, change.object._ivalue()->getSlot(i));
+  }
+  for (const auto& [attr, child] : change.children) {
+    change.newObject->setSlot(*change.newType->findAttributeSlot(attr), child);
+  }
+}
+
+// buildObjects decides, bottom-up, which modules get a copied type and
+// records the new children and attribute types of every change.
+void buildObjects(Plan& plan) {
+  auto counts = countInstances(plan.root);
+  std::vector<Change*> order;
+  for (auto& entry : plan.changes) order.push_back(&entry.second);
+  std::sort(order.begin(), order.end(), [](Change* a, Change* b) { return a->depth() > b->depth(); });
+
+  for (Change* change : order) {
+    for (const auto& [path, replacement] : plan.replacements) {
+      if (parentOf(path) != change->path) continue;
+      const std::string attr = baseName(path);
+      change->children[attr] = replacement._ivalue();
+      change->attributeTypes[attr] = newAttributeType(*change, attr, replacement.type());
+    }
+    for (auto& [path, child] : plan.changes) {
+      if (path.empty() || parentOf(path) != change->path) continue;
+      const std::string attr = baseName(path);
+      change->children[attr] = child.newObject;
+      change->attributeTypes[attr] = newAttributeType(*change, attr, child.newType);
+    }
+
+    int& count = counts[change->oldType.get()];
+    change->copy = !change->path.empty() && count > 1;
+    if (change->copy) {
+      count--;
+      buildCopy(plan, *change);
+    } else {
+      change->newType = change->oldType;
+      change->newObject = change->object._ivalue();
+    }
+  }
+}
+
+// futureAttributeType is the declared type an attribute will have once the
+// changes are committed.
+c10::TypePtr futureAttributeType(const Plan& plan, const c10::ClassTypePtr& cls, const std::string& name,
+                                 const std::unordered_map<const c10::ClassType*, const Change*>& inPlace) {
+  auto found = inPlace.find(cls.get());
+  if (found != inPlace.end()) {
+    auto attr = found->second->attributeTypes.find(name);
+    if (attr != found->second->attributeTypes.end()) return attr->second;
+  }
+  return cls->getAttribute(name);
+}
+
+// retypeBlock gives each GetAttr that reads from a changed or new type the
+// attribute's future type. Nodes come in topological order, so a chain such
+// as self.blocks then getattr(blocks, "0") is retyped link by link.
+void retypeBlock(const Plan& plan, Block* block, const std::unordered_set<const c10::ClassType*>& changedTypes,
+                 const std::unordered_map<const c10::ClassType*, const Change*>& inPlace) {
+  for (Node* node : block->nodes()) {
+    for (Block* sub : node->blocks()) retypeBlock(plan, sub, changedTypes, inPlace);
+    if (node->kind() != c10::prim::GetAttr) continue;
+    auto cls = node->input(0)->type()->cast<c10::ClassType>();
+    if (!cls || !changedTypes.count(cls.get())) continue;
+    node->output()->setType(futureAttributeType(plan, cls, node->s(c10::attr::name), inPlace));
+  }
+}
+
+void installMethod(Plan& plan, const c10::ClassTypePtr& type, const Change::Method& method) {
+  c10::QualifiedName name(*type->name(), method.name);
+  auto* fn = plan.cu->create_function(name, method.graph);
+  fn->setSchema(method.schema);
+  type->addMethod(fn);
+}
+
+// buildMethods writes a fresh function for every method of every changed
+// type. Live functions are never edited: a method that already ran keeps an
+// execution plan compiled from its old graph.
+void buildMethods(Plan& plan) {
+  std::unordered_set<const c10::ClassType*> changedTypes;
+  std::unordered_map<const c10::ClassType*, const Change*> inPlace;
+  for (const auto& [path, change] : plan.changes) {
+    changedTypes.insert(change.newType.get());
+    if (!change.copy) inPlace[change.newType.get()] = &change;
+  }
+
+  for (auto& [path, change] : plan.changes) {
+    for (auto* fn : change.oldType->methods()) {
+      auto graph = torch::jit::toGraphFunction(*fn).graph()->copy();
+      c10::FunctionSchema schema = fn->getSchema();
+      if (change.copy) {
+        auto oldType = change.oldType;
+        auto newType = change.newType;
+        graph->remapTypes([&](c10::TypePtr t) -> c10::TypePtr { return t == oldType ? newType : t; });
+        auto arguments = schema.arguments();
+        arguments.at(0) = arguments.at(0).cloneWithType(newType);
+        schema = schema.cloneWithArguments(arguments);
+      }
+      retypeBlock(plan, graph->block(), changedTypes, inPlace);
+      change.methods.push_back({fn->name(), graph, schema});
+    }
+    if (change.copy) {
+      plan.cu->register_type(change.newType);
+      for (const auto& method : change.methods) installMethod(plan, change.newType, method);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Phase 3: commit.
+
+void commit(Plan& plan) {
+  for (auto& [path, change] : plan.changes) {
+    if (change.copy) continue;
+    for (const auto& [attr, type] : change.attributeTypes) {
+      if (!change.oldType->getAttribute(attr)->cast<c10::InterfaceType>()) {
+        change.oldType->unsafeChangeAttributeType(attr, type);
+      }
+    }
+    for (const auto& [attr, child] : change.children) {
+      change.object._ivalue()->setSlot(*change.oldType->findAttributeSlot(attr), child);
+    }
+    // The serializer requires a method's function to carry the qualified
+    // name type.method, so the old functions leave the compilation unit
+    // before the new ones take their names. Every caller of an old function
+    // is a method of a changed type, so no execution plan keeps using one.
+    // Removing all methods first keeps their order.
+    for (const auto& method : change.methods) {
+      change.oldType->unsafeRemoveMethod(method.name);
+      plan.cu->unsafeRemoveMethod(c10::QualifiedName(*change.oldType->name(), method.name));
+    }
+    for (const auto& method : change.methods) installMethod(plan, change.oldType, method);
+  }
+}
+
+void replace(const Module& root, const std::vector<std::string>& paths, const std::vector<Module>& modules) {
+  Plan plan;
+  plan.root = root;
+  plan.cu = root._ivalue()->compilation_unit();
+  checkPaths(plan, paths);
+
+  for (size_t i = 0; i < paths.size(); ++i) {
+    convsplit::findSubmodule(root, paths[i]);  // the layer must exist
+    checkReplacement(plan, paths[i], modules[i]);
+    plan.replacements.emplace(paths[i], modules[i]);
+    for (std::string p = parentOf(paths[i]);; p = parentOf(p)) {
+      if (!plan.changes.count(p)) {
+        Change change;
+        change.path = p;
+        change.object = convsplit::findSubmodule(root, p);
+        change.oldType = change.object.type();
+        plan.changes.emplace(p, change);
+      }
+      if (p.empty()) break;
+    }
+  }
+  checkAliasing(plan);
+  checkUses(plan);
+
+  buildObjects(plan);
+  buildMethods(plan);
+  commit(plan);
+}
+
+}  // namespace
+
+extern "C" int cs_module_replace(cs_module* root, const char** paths, cs_module** replacements, int n, char** err) {
+  return guard(err, [&] {
+    std::vector<std::string> names;
+    std::vector<Module> modules;
+    for (int i = 0; i < n; ++i) {
+      names.emplace_back(paths[i]);
+      modules.push_back(replacements[i]->module);
+    }
+    replace(root->module, names, modules);
+  });
+}

@@ -1,0 +1,54 @@
+package torch
+
+/*
+#cgo CFLAGS: -I${SRCDIR}/../csrc
+#cgo LDFLAGS: -L${SRCDIR}/../build -lshim -ltorch -ltorch_cpu -lc10 -lstdc++ -lm
+#include <stdlib.h>
+#include "convsplit.h"
+*/
+import "C"
+
+import (
+	"encoding/json"
+	"fmt"
+	"unsafe"
+)
+
+// takeError turns the shim's error message into a Go error wrapping ErrTorch
+// and releases the message.
+func takeError(op string, msg *C.char) error {
+	if msg == nil {
+		return fmt.Errorf("%s: %w", op, ErrTorch)
+	}
+	defer C.cs_free(unsafe.Pointer(msg))
+	return &Error{Op: op, Message: C.GoString(msg)}
+}
+
+// takeJSON decodes JSON text returned by the shim into v and releases it.
+func takeJSON(op string, text *C.char, v any) error {
+	defer C.cs_free(unsafe.Pointer(text))
+	if err := json.Unmarshal([]byte(C.GoString(text)), v); err != nil {
+		return fmt.Errorf("%s: decoding the shim's reply: %w", op, err)
+	}
+	return nil
+}
+
+// cStrings copies strings into C memory; free releases them.
+func cStrings(values []string) (ptrs []*C.char, free func()) {
+	ptrs = make([]*C.char, len(values))
+	for i, v := range values {
+		ptrs[i] = C.CString(v)
+	}
+	return ptrs, func() {
+		for _, p := range ptrs {
+			C.free(unsafe.Pointer(p))
+		}
+	}
+}
+
+// ManualSeed seeds libtorch's default CPU generator, as Python's
+// torch.manual_seed does, so that draws after the same seed are the same
+// numbers in Go and in Python.
+func ManualSeed(seed uint64) {
+	C.cs_manual_seed(C.uint64_t(seed))
+}

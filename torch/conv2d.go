@@ -1,0 +1,210 @@
+package torch
+
+/*
+#include <stdlib.h>
+#include "convsplit.h"
+*/
+import "C"
+
+import (
+	"fmt"
+	"runtime"
+	"unsafe"
+)
+
+// Conv2d describes the geometry and storage of a torch.nn.Conv2d layer.
+type Conv2d struct {
+	InChannels  int    `json:"in_channels"`
+	OutChannels int    `json:"out_channels"`
+	KernelSize  [2]int `json:"kernel_size"`
+	Stride      [2]int `json:"stride"`
+	Padding     [2]int `json:"padding"`
+	Dilation    [2]int `json:"dilation"`
+	Groups      int    `json:"groups"`
+	PaddingMode string `json:"padding_mode"`
+	// PaddingString is "same" or "valid" for layers built with a padding
+	// string, and empty otherwise (then Padding holds the amounts).
+	PaddingString string `json:"padding_string"`
+	Bias          bool   `json:"bias"`
+	// Scripted is false for a layer recorded by torch.jit.trace, whose
+	// geometry was read from its forward graph.
+	Scripted     bool    `json:"scripted"`
+	ChannelsLast bool    `json:"channels_last"`
+	Training     bool    `json:"training"`
+	DType        string  `json:"dtype"`
+	WeightShape  []int64 `json:"weight_shape"`
+}
+
+// Conv2d returns the module's Conv2d geometry. It fails for modules that are
+// not a torch.nn.Conv2d (subclasses included) and for traced layers whose
+// forward graph has a form it does not recognize.
+func (m *Module) Conv2d() (Conv2d, error) {
+	var g Conv2d
+	err := m.jsonCall("conv2d geometry", func(text **C.char, msg **C.char) C.int {
+		return C.cs_conv2d_geometry(m.ptr, text, msg)
+	}, &g)
+	return g, err
+}
+
+// Builder makes new modules that can join one model's tree: they live in
+// the model's compilation unit. A builder compiles each distinct layer
+// configuration once. Close it when done; it may be used by one goroutine
+// at a time.
+type Builder struct {
+	ptr *C.cs_builder
+}
+
+// NewBuilder returns a builder for modules that will join owner's tree.
+func NewBuilder(owner *Module) (*Builder, error) {
+	if err := owner.check("new builder"); err != nil {
+		return nil, err
+	}
+	defer runtime.KeepAlive(owner)
+	var out *C.cs_builder
+	var msg *C.char
+	if C.cs_builder_new(owner.ptr, &out, &msg) != 0 {
+		return nil, takeError("new builder", msg)
+	}
+	b := &Builder{ptr: out}
+	runtime.SetFinalizer(b, (*Builder).Close)
+	return b, nil
+}
+
+// Close releases the builder. Modules it made stay valid.
+func (b *Builder) Close() {
+	if b == nil || b.ptr == nil {
+		return
+	}
+	C.cs_builder_free(b.ptr)
+	b.ptr = nil
+	runtime.SetFinalizer(b, nil)
+}
+
+// Conv2dSpec describes a new Conv2d layer.
+type Conv2dSpec struct {
+	InChannels, OutChannels, Groups       int
+	KernelSize, Stride, Padding, Dilation [2]int
+	// PaddingMode is zeros (the default when empty), reflect, replicate or
+	// circular.
+	PaddingMode  string
+	Bias         bool
+	DType        DType
+	ChannelsLast bool
+	Training     bool
+}
+
+// Conv2d makes a Conv2d module like torch.jit.script(torch.nn.Conv2d(...))
+// with default-initialized parameters: the weight uniform in
+// (-1/sqrt(fan_in), 1/sqrt(fan_in)), then the bias in the same range, drawn
+// in float32 from libtorch's default generator before the cast to DType.
+func (b *Builder) Conv2d(spec Conv2dSpec) (*Module, error) {
+	if b == nil || b.ptr == nil {
+		return nil, fmt.Errorf("conv2d: %w", ErrClosed)
+	}
+	defer runtime.KeepAlive(b)
+	mode := spec.PaddingMode
+	if mode == "" {
+		mode = "zeros"
+	}
+	cmode := C.CString(mode)
+	defer C.free(unsafe.Pointer(cmode))
+	cspec := C.cs_conv2d_spec{
+		in_channels:   C.int64_t(spec.InChannels),
+		out_channels:  C.int64_t(spec.OutChannels),
+		groups:        C.int64_t(spec.Groups),
+		padding_mode:  cmode,
+		bias:          cBool(spec.Bias),
+		dtype:         C.int(spec.DType),
+		channels_last: cBool(spec.ChannelsLast),
+		training:      cBool(spec.Training),
+	}
+	for i := 0; i < 2; i++ {
+		cspec.kernel_size[i] = C.int64_t(spec.KernelSize[i])
+		cspec.stride[i] = C.int64_t(spec.Stride[i])
+		cspec.padding[i] = C.int64_t(spec.Padding[i])
+		cspec.dilation[i] = C.int64_t(spec.Dilation[i])
+	}
+	var out *C.cs_module
+	var msg *C.char
+	if C.cs_builder_conv2d(b.ptr, &cspec, &out, &msg) != 0 {
+		return nil, takeError("conv2d", msg)
+	}
+	return newModule(out), nil
+}
+
+// Sequential makes a torch.nn.Sequential of the children, named "0", "1"
+// and so on. Each alias names an extra method that runs forward; traced
+// models call a layer that runs more than once as forward1, forward2...
+func (b *Builder) Sequential(children []*Module, aliases []string, training bool) (*Module, error) {
+	if b == nil || b.ptr == nil {
+		return nil, fmt.Errorf("sequential: %w", ErrClosed)
+	}
+	defer runtime.KeepAlive(b)
+	defer runtime.KeepAlive(children)
+	kids := make([]*C.cs_module, len(children))
+	for i, c := range children {
+		if err := c.check("sequential"); err != nil {
+			return nil, err
+		}
+		kids[i] = c.ptr
+	}
+	names, free := cStrings(aliases)
+	defer free()
+	var kidv **C.cs_module
+	if len(kids) > 0 {
+		kidv = &kids[0]
+	}
+	var namev **C.char
+	if len(names) > 0 {
+		namev = &names[0]
+	}
+	var out *C.cs_module
+	var msg *C.char
+	if C.cs_builder_sequential(b.ptr, kidv, C.int(len(kids)), namev, C.int(len(names)), cBool(training), &out, &msg) != 0 {
+		return nil, takeError("sequential", msg)
+	}
+	return newModule(out), nil
+}
+
+func cBool(v bool) C.int {
+	if v {
+		return 1
+	}
+	return 0
+}
+
+// Replace puts each module of replacements at the dotted path of the same
+// index, in place. Every check runs before anything changes, so after an
+// error the model is as it was. A layer may only be called by its parents'
+// methods (prim::CallMethod of a method the replacement also has): a parent
+// that reads the layer's attributes or passes the layer along is rejected.
+// Modules between the root and a layer whose class type is shared with
+// other modules get a new object of a new type; the root object stays the
+// same.
+func (m *Module) Replace(paths []string, replacements []*Module) error {
+	if err := m.check("replace"); err != nil {
+		return err
+	}
+	if len(paths) != len(replacements) {
+		return fmt.Errorf("replace: %d paths for %d modules", len(paths), len(replacements))
+	}
+	defer runtime.KeepAlive(m)
+	defer runtime.KeepAlive(replacements)
+	mods := make([]*C.cs_module, len(replacements))
+	for i, r := range replacements {
+		if err := r.check("replace"); err != nil {
+			return err
+		}
+		mods[i] = r.ptr
+	}
+	names, free := cStrings(paths)
+	defer free()
+	if len(paths) == 0 {
+		return nil
+	}
+	var msg *C.char
+	if C.cs_module_replace(m.ptr, &names[0], &mods[0], C.int(len(paths)), &msg) != 0 {
+		return takeError("replace", msg)
+	}
+	return nil
+}
