@@ -21,7 +21,8 @@ Checks, each reported on its own line when it fails:
 With --traced (the original was made by torch.jit.trace), untouched layers have no
 constants, so only their weight shape, dtype, memory format and bias are compared. With
 --traced or --original, every state_dict entry the original also has must keep its
-values bit for bit.
+values bit for bit, and new parameters must share storage exactly where the replaced
+layers' parameters did.
 Exit status: 0 when all checks pass, 1 when any fails, 2 on bad arguments.
 """
 import argparse
@@ -255,7 +256,7 @@ def check_sharing(checker, state, original, changes):
     """Check that new parameters are shared exactly where the replaced ones were.
 
     Replaced layers whose weights were one tensor must get new layers whose weights are
-    one tensor too (and the same for the last layers' biases); new parameters of
+    one tensor too, and the same holds for the last layers' biases. New parameters of
     layers that shared nothing must not share storage.
     """
     for suffix, layer_index in (('weight', 0), ('weight', 1), ('bias', 1)):

@@ -130,6 +130,16 @@ with torch.no_grad():
     original.stem.weight.add_(1)
 original.save(sys.argv[1] + '/mixed_changed_stem.pt')
 
+# shared_weight with the new weights of c2 no longer shared with those of c1.
+model, _ = amct_eager.decomposed('shared_weight', 1234)
+model.c2[0].weight = torch.nn.Parameter(model.c2[0].weight.detach().clone())
+zoo_models.script(model).save(sys.argv[1] + '/shared_weight_unshared.pt')
+
+# resnet18 with two new layers sharing a weight that the original layers did not share.
+model, _ = amct_eager.decomposed('resnet18', 1234)
+model.layer1[0].conv2[0].weight = model.layer1[0].conv1[0].weight
+zoo_models.script(model).save(sys.argv[1] + '/resnet18_overshared.pt')
+
 # AMCT's decomposed weights with one bias moved by 0.01.
 state = torch.load('testdata/amct/mixed/decomposed_state.pt')
 state['tail.0.1.1.bias'] += 0.01
@@ -141,6 +151,14 @@ expect_fail "new layers traced" "FAIL module 'down.0': new Conv2d has no TorchSc
 
 expect_fail "untouched weight changed" "^FAIL original stem.weight: values differ" \
     $PY $CHECK --reference "$mixed_ref" --model "$work/expected/mixed.pt" --original "$work/mixed_changed_stem.pt"
+
+expect_fail "shared weights not kept shared" "^FAIL sharing c2.0.weight: not shared with c1.0.weight" \
+    $PY $CHECK --reference "$AMCT/shared_weight/reference.json" --model "$work/shared_weight_unshared.pt" \
+    --original "$work/fixtures/shared_weight.pt"
+
+expect_fail "unshared weights made shared" "^FAIL sharing layer1.0.conv2.0.weight: shares storage with layer1.0.conv1.0.weight" \
+    $PY $CHECK --reference "$AMCT/resnet18/reference.json" --model "$work/resnet18_overshared.pt" \
+    --original "$work/fixtures/resnet18.pt"
 
 $PY -c 'import json, sys; c = json.load(open(sys.argv[1])); json.dump(dict(reversed(list(c.items()))), open(sys.argv[2], "w"))' \
     "$work/expected/mixed.changes.json" "$work/reversed.changes.json"

@@ -1,0 +1,2 @@
+// linalg.cpp: placeholder, filled in by the linalg work.
+#include "internal.h"

@@ -1,0 +1,2 @@
+// state.cpp: placeholder, filled in by the state work.
+#include "internal.h"

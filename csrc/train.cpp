@@ -1,0 +1,2 @@
+// train.cpp: placeholder, filled in by the train work.
+#include "internal.h"
