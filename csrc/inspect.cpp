@@ -1,0 +1,2 @@
+// inspect.cpp: placeholder, filled in by the inspect work.
+#include "internal.h"
