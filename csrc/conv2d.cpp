@@ -322,10 +322,10 @@ std::string listSource(const std::vector<int64_t>& v) {
 std::string conv2dSource(const ConvGeometry& g) {
   std::string stride = listSource(g.stride), dilation = listSource(g.dilation);
   std::string groups = std::to_string(g.groups);
+  std::string padding = g.padding_string.empty() ? listSource(g.padding) : "\"" + g.padding_string + "\"";
   std::string call;
   if (g.padding_mode == "zeros") {
-    call = "torch.conv2d(input, weight, bias, " + stride + ", " + listSource(g.padding) + ", " + dilation +
-           ", " + groups + ")";
+    call = "torch.conv2d(input, weight, bias, " + stride + ", " + padding + ", " + dilation + ", " + groups + ")";
   } else {
     call = "torch.conv2d(torch.pad(input, self._reversed_padding_repeated_twice, \"" + g.padding_mode +
            "\"), weight, bias, " + stride + ", [0, 0], " + dilation + ", " + groups + ")";
@@ -339,7 +339,8 @@ std::string conv2dSource(const ConvGeometry& g) {
 std::string configKey(const ConvGeometry& g) {
   std::ostringstream key;
   key << g.in_channels << '/' << g.out_channels << '/' << tupleSource(g.kernel_size) << tupleSource(g.stride)
-      << tupleSource(g.padding) << tupleSource(g.dilation) << '/' << g.groups << '/' << g.padding_mode;
+      << tupleSource(g.padding) << g.padding_string << tupleSource(g.dilation) << '/' << g.groups << '/'
+      << g.padding_mode;
   return key.str();
 }
 
@@ -351,6 +352,10 @@ void checkSpec(const ConvGeometry& g) {
     TORCH_CHECK(g.kernel_size[i] > 0 && g.stride[i] > 0 && g.dilation[i] > 0 && g.padding[i] >= 0,
                 "Conv2d kernel, stride and dilation must be positive and padding non-negative");
   }
+  TORCH_CHECK(g.padding_string.empty() || g.padding_string == "same" || g.padding_string == "valid",
+              "unknown padding string '", g.padding_string, "'");
+  TORCH_CHECK(g.padding_string != "same" || (g.stride[0] == 1 && g.stride[1] == 1),
+              "padding='same' needs stride 1");
   TORCH_CHECK(g.padding_mode == "zeros" || g.padding_mode == "reflect" || g.padding_mode == "replicate" ||
                   g.padding_mode == "circular",
               "unknown padding mode '", g.padding_mode, "'");
@@ -412,7 +417,11 @@ c10::ClassTypePtr conv2dType(cs_builder* b, const ConvGeometry& g) {
     return c10::ivalue::Tuple::create(c10::IValue(v[0]), c10::IValue(v[1]));
   };
   type->addConstant("in_channels", g.in_channels);
-  type->addConstant("padding", pair(g.padding));
+  if (g.padding_string.empty()) {
+    type->addConstant("padding", pair(g.padding));
+  } else {
+    type->addConstant("padding", g.padding_string);
+  }
   type->addConstant("stride", pair(g.stride));
   type->addConstant("output_padding", pair({0, 0}));
   type->addConstant("kernel_size", pair(g.kernel_size));
@@ -425,6 +434,27 @@ c10::ClassTypePtr conv2dType(cs_builder* b, const ConvGeometry& g) {
   return type;
 }
 
+// reversedPadding is the pad list F.pad takes, (left, right, top, bottom).
+// torch.nn.Conv2d computes it for padding='same' as dilation * (kernel - 1)
+// split with the smaller half first, so an even kernel pads one more on the
+// right and bottom.
+std::vector<int64_t> reversedPadding(const ConvGeometry& g) {
+  std::vector<int64_t> out;
+  for (int axis = 1; axis >= 0; --axis) {
+    int64_t before = g.padding[axis], after = g.padding[axis];
+    if (g.padding_string == "same") {
+      int64_t total = g.dilation[axis] * (g.kernel_size[axis] - 1);
+      before = total / 2;
+      after = total - before;
+    } else if (g.padding_string == "valid") {
+      before = after = 0;
+    }
+    out.push_back(before);
+    out.push_back(after);
+  }
+  return out;
+}
+
 Module newConv2d(cs_builder* b, const ConvGeometry& g) {
   checkSpec(g);
   auto type = conv2dType(b, g);
@@ -435,11 +465,11 @@ Module newConv2d(cs_builder* b, const ConvGeometry& g) {
   m._ivalue()->setSlot(*type->findAttributeSlot("training"), g.training);
   m._ivalue()->setSlot(*type->findAttributeSlot("_is_full_backward_hook"), c10::IValue());
   m._ivalue()->setSlot(*type->findAttributeSlot("transposed"), false);
-  // F.pad takes (left, right, top, bottom): the padding reversed, each twice.
-  std::vector<int64_t> reversed{g.padding[1], g.padding[1], g.padding[0], g.padding[0]};
-  m._ivalue()->setSlot(*type->findAttributeSlot("_reversed_padding_repeated_twice"), c10::IValue(reversed));
+  m._ivalue()->setSlot(*type->findAttributeSlot("_reversed_padding_repeated_twice"),
+                       c10::IValue(reversedPadding(g)));
   return m;
 }
+
 
 std::string sequentialSource(size_t n, const std::vector<std::string>& aliases) {
   std::string src = "def forward(self, input: Tensor) -> Tensor:\n";
@@ -524,6 +554,7 @@ int cs_builder_conv2d(cs_builder* b, const cs_conv2d_spec* spec, cs_module** out
     g.padding = {spec->padding[0], spec->padding[1]};
     g.dilation = {spec->dilation[0], spec->dilation[1]};
     g.padding_mode = spec->padding_mode ? spec->padding_mode : "zeros";
+    g.padding_string = spec->padding_string ? spec->padding_string : "";
     g.bias = spec->bias != 0;
     g.dtype = static_cast<c10::ScalarType>(spec->dtype);
     g.channels_last = spec->channels_last != 0;

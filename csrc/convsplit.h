@@ -60,6 +60,7 @@ typedef struct cs_conv2d_spec {
   int64_t in_channels, out_channels, groups;
   int64_t kernel_size[2], stride[2], padding[2], dilation[2];
   const char* padding_mode; /* zeros, reflect, replicate or circular */
+  const char* padding_string; /* "same" or "valid" in place of padding; NULL or "" for none */
   int bias;                 /* nonzero: the layer has a bias */
   int dtype;                /* c10::ScalarType of the parameters */
   int channels_last;        /* nonzero: weight stored channels-last */

@@ -118,7 +118,7 @@ std::string describeUse(const torch::jit::Use& use) {
 }
 
 // replacementAccepts tells whether a use of a replaced layer still works when
-// the replacement stands in its place: only calls of methods the replacement
+// the replacement takes its place: only calls of methods the replacement
 // has, with the same number of arguments.
 bool replacementAccepts(const torch::jit::Use& use, const Module& replacement) {
   Node* user = use.user;

@@ -190,7 +190,12 @@ type ConvGeometry struct {
 	Groups                                int
 	// PaddingMode is "zeros", "reflect", "replicate" or "circular".
 	PaddingMode string
-	Bias        bool
+	// PaddingString is "same" or "valid" for a layer built with a padding
+	// string (Padding is then unused), and empty otherwise. The new layers
+	// keep it: each same-padded layer of the pair pads along its kernel's
+	// long axis, so the pair keeps the output size of the original.
+	PaddingString string
+	Bias          bool
 }
 
 // SplitGeometry returns the geometry of the two Conv2d layers that replace

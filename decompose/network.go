@@ -11,8 +11,8 @@ import (
 	"github.com/convsplit/convsplit/torch"
 )
 
-// ErrUnsupportedLayer reports a Conv2d that convsplit cannot decompose yet,
-// such as one built with padding='same'.
+// ErrUnsupportedLayer reports a Conv2d that convsplit cannot decompose, such
+// as a traced layer whose forward graph it does not recognize.
 var ErrUnsupportedLayer = errors.New("layer not supported")
 
 // Change is one replaced layer: its name and the names of the two Conv2d
@@ -192,11 +192,6 @@ func planLayer(model *torch.Module, e Entry) (plannedLayer, error) {
 	if err != nil {
 		return plannedLayer{}, err
 	}
-	if conv.PaddingString == "same" {
-		// NOTE: a same-padded layer needs padding split between the two new
-		// layers so the output size stays; until then it is rejected.
-		return plannedLayer{}, errors.New("padding='same' is not supported yet")
-	}
 	dtype, err := torch.ParseDType(conv.DType)
 	if err != nil {
 		return plannedLayer{}, err
@@ -204,7 +199,7 @@ func planLayer(model *torch.Module, e Entry) (plannedLayer, error) {
 	orig := ConvGeometry{
 		InChannels: conv.InChannels, OutChannels: conv.OutChannels,
 		KernelSize: conv.KernelSize, Stride: conv.Stride, Padding: conv.Padding, Dilation: conv.Dilation,
-		Groups: conv.Groups, PaddingMode: conv.PaddingMode, Bias: conv.Bias,
+		Groups: conv.Groups, PaddingMode: conv.PaddingMode, PaddingString: conv.PaddingString, Bias: conv.Bias,
 	}
 	first, last, err := e.SplitGeometry(orig)
 	if err != nil {
@@ -266,7 +261,7 @@ func spec(g ConvGeometry, l plannedLayer) torch.Conv2dSpec {
 	return torch.Conv2dSpec{
 		InChannels: g.InChannels, OutChannels: g.OutChannels, Groups: g.Groups,
 		KernelSize: g.KernelSize, Stride: g.Stride, Padding: g.Padding, Dilation: g.Dilation,
-		PaddingMode: g.PaddingMode, Bias: g.Bias, DType: l.dtype,
+		PaddingMode: g.PaddingMode, PaddingString: g.PaddingString, Bias: g.Bias, DType: l.dtype,
 		ChannelsLast: l.original.ChannelsLast, Training: l.original.Training,
 	}
 }

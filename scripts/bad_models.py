@@ -7,7 +7,8 @@ Writes into OUTDIR (created when missing):
   weight_reader.pt        layers `first` and `reader`, Conv2d(16, 16, 3, padding=1) each;
                           the parent's forward reads `self.reader.weight`, so `reader`
                           cannot be replaced by a Sequential
-  same_padding.pt         `conv`, Conv2d(16, 32, 3, padding='same'), scripted
+  same_padding.pt         `conv`, Conv2d(16, 32, 3, padding='same'), then `even`,
+                          Conv2d(32, 32, 4, padding='same'), scripted
   same_padding_traced.pt  the same model, traced
   conv_subclass.pt        `conv`, an instance of a subclass of Conv2d(16, 32, 3)
   dtypes.pt               `wide`, a float64 Conv2d(16, 32, 3, padding=1), and `cl`, a
@@ -39,14 +40,15 @@ class WeightReader(nn.Module):
 
 
 class SamePadding(nn.Module):
-    """A layer built with padding='same'."""
+    """Layers built with padding='same', with an odd and an even kernel."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(16, 32, 3, padding='same')
+        self.even = nn.Conv2d(32, 32, 4, padding='same')
 
     def forward(self, x):
-        return self.conv(x)
+        return self.even(self.conv(x))
 
 
 class MyConv(nn.Conv2d):

@@ -86,11 +86,14 @@ type Conv2dSpec struct {
 	KernelSize, Stride, Padding, Dilation [2]int
 	// PaddingMode is zeros (the default when empty), reflect, replicate or
 	// circular.
-	PaddingMode  string
-	Bias         bool
-	DType        DType
-	ChannelsLast bool
-	Training     bool
+	PaddingMode string
+	// PaddingString is "same" or "valid" to build the layer with a padding
+	// string in place of Padding, or empty.
+	PaddingString string
+	Bias          bool
+	DType         DType
+	ChannelsLast  bool
+	Training      bool
 }
 
 // Conv2d makes a Conv2d module like torch.jit.script(torch.nn.Conv2d(...))
@@ -108,6 +111,8 @@ func (b *Builder) Conv2d(spec Conv2dSpec) (*Module, error) {
 	}
 	cmode := C.CString(mode)
 	defer C.free(unsafe.Pointer(cmode))
+	cpadding := C.CString(spec.PaddingString)
+	defer C.free(unsafe.Pointer(cpadding))
 	cspec := C.cs_conv2d_spec{
 		in_channels:   C.int64_t(spec.InChannels),
 		out_channels:  C.int64_t(spec.OutChannels),

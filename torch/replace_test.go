@@ -1,0 +1,609 @@
+package torch_test
+
+import (
+	"os"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/convsplit/convsplit/torch"
+)
+
+// aliasPattern matches the extra forward methods that torch.jit.trace gives
+// a layer called more than once.
+var aliasPattern = regexp.MustCompile(`^forward[0-9]+$`)
+
+// forwardAliases returns the layer's forward1, forward2... methods, which a
+// replacement must provide too.
+func forwardAliases(t testing.TB, layer *torch.Module) []string {
+	t.Helper()
+	methods, err := layer.MethodNames()
+	require.NoError(t, err)
+	var aliases []string
+	for _, name := range methods {
+		if aliasPattern.MatchString(name) {
+			aliases = append(aliases, name)
+		}
+	}
+	return aliases
+}
+
+// specOf returns the spec of a new Conv2d with the layer's geometry.
+func specOf(t testing.TB, g torch.Conv2d) torch.Conv2dSpec {
+	t.Helper()
+	require.Empty(t, g.PaddingString, "a builder cannot make a layer with a padding string")
+	dtype, err := torch.ParseDType(g.DType)
+	require.NoError(t, err)
+	return torch.Conv2dSpec{
+		InChannels: g.InChannels, OutChannels: g.OutChannels, Groups: g.Groups,
+		KernelSize: g.KernelSize, Stride: g.Stride, Padding: g.Padding, Dilation: g.Dilation,
+		PaddingMode: g.PaddingMode, Bias: g.Bias, DType: dtype, ChannelsLast: g.ChannelsLast, Training: g.Training,
+	}
+}
+
+// scaledCopy returns a new tensor holding the float32 tensor's values times
+// scale, closed when the test ends.
+func scaledCopy(t testing.TB, x *torch.Tensor, scale float32) *torch.Tensor {
+	t.Helper()
+	values, err := x.Float32s()
+	require.NoError(t, err)
+	for i := range values {
+		values[i] *= scale
+	}
+	out, err := torch.FromFloat32(values, x.Shape()...)
+	require.NoError(t, err)
+	t.Cleanup(out.Close)
+	return out
+}
+
+// equivalentSequential returns a Sequential, built for owner, that computes
+// the same as the float32 Conv2d layer: a 1x1 identity Conv2d followed by a
+// Conv2d of the layer's geometry that shares the layer's parameters.
+func equivalentSequential(t testing.TB, owner, layer *torch.Module) *torch.Module {
+	t.Helper()
+	return scaledSequential(t, owner, layer, 1)
+}
+
+// scaledSequential is equivalentSequential with the second layer's weight
+// and bias multiplied by scale (copies, when scale is not 1), so the
+// Sequential computes scale times the layer's output.
+func scaledSequential(t testing.TB, owner, layer *torch.Module, scale float32) *torch.Module {
+	t.Helper()
+	g, err := layer.Conv2d()
+	require.NoError(t, err)
+	require.Equal(t, "Float", g.DType, "equivalentSequential handles float32 layers")
+	b, err := torch.NewBuilder(owner)
+	require.NoError(t, err)
+	defer b.Close()
+
+	identity, err := b.Conv2d(torch.Conv2dSpec{
+		InChannels: g.InChannels, OutChannels: g.InChannels, Groups: 1,
+		KernelSize: [2]int{1, 1}, Stride: [2]int{1, 1}, Dilation: [2]int{1, 1},
+		DType: torch.Float32, Training: g.Training,
+	})
+	require.NoError(t, err)
+	defer identity.Close()
+	eye := make([]float32, g.InChannels*g.InChannels)
+	for i := 0; i < g.InChannels; i++ {
+		eye[i*g.InChannels+i] = 1
+	}
+	eyeTensor, err := torch.FromFloat32(eye, int64(g.InChannels), int64(g.InChannels), 1, 1)
+	require.NoError(t, err)
+	defer eyeTensor.Close()
+	require.NoError(t, identity.SetParameter("weight", eyeTensor))
+
+	conv, err := b.Conv2d(specOf(t, g))
+	require.NoError(t, err)
+	defer conv.Close()
+	names := []string{"weight"}
+	if g.Bias {
+		names = append(names, "bias")
+	}
+	for _, name := range names {
+		p, err := layer.Parameter(name)
+		require.NoError(t, err)
+		if scale != 1 {
+			p = scaledCopy(t, p, scale)
+		} else {
+			t.Cleanup(p.Close)
+		}
+		require.NoError(t, conv.SetParameter(name, p))
+	}
+
+	seq, err := b.Sequential([]*torch.Module{identity, conv}, forwardAliases(t, layer), g.Training)
+	require.NoError(t, err)
+	t.Cleanup(seq.Close)
+	return seq
+}
+
+// decomposedSequential returns a Sequential, built for owner, of the two
+// Conv2d layers that a rank-r decomposition of the layer gives (the geometry
+// table of AMCT's decompose_network), with default-initialized parameters.
+func decomposedSequential(t testing.TB, owner, layer *torch.Module, rank int) *torch.Module {
+	t.Helper()
+	g, err := layer.Conv2d()
+	require.NoError(t, err)
+	b, err := torch.NewBuilder(owner)
+	require.NoError(t, err)
+	defer b.Close()
+
+	first, last := specOf(t, g), specOf(t, g)
+	first.OutChannels, first.Bias = rank, false
+	last.InChannels = rank
+	// SCFK and FCSK keep the kernel height in the first layer.
+	keepHeightFirst := (g.OutChannels >= g.InChannels) == (g.KernelSize[0] <= g.KernelSize[1])
+	height, width := 0, 1
+	if !keepHeightFirst {
+		height, width = 1, 0
+	}
+	// The first layer spans the kept axis and resets the other; the last
+	// layer the other way round.
+	first.KernelSize[width], first.Stride[width], first.Padding[width], first.Dilation[width] = 1, 1, 0, 1
+	last.KernelSize[height], last.Stride[height], last.Padding[height], last.Dilation[height] = 1, 1, 0, 1
+
+	firstConv, err := b.Conv2d(first)
+	require.NoError(t, err)
+	defer firstConv.Close()
+	lastConv, err := b.Conv2d(last)
+	require.NoError(t, err)
+	defer lastConv.Close()
+	seq, err := b.Sequential([]*torch.Module{firstConv, lastConv}, forwardAliases(t, layer), g.Training)
+	require.NoError(t, err)
+	t.Cleanup(seq.Close)
+	return seq
+}
+
+// layerBuilder makes the replacement of a layer for the model owner.
+type layerBuilder func(t testing.TB, owner, layer *torch.Module) *torch.Module
+
+// replaceWith replaces each path of the model by the Sequential that build
+// returns for the layer at that path.
+func replaceWith(t testing.TB, m *torch.Module, paths []string, build layerBuilder) error {
+	t.Helper()
+	replacements := make([]*torch.Module, len(paths))
+	for i, path := range paths {
+		layer, err := m.Submodule(path)
+		require.NoError(t, err)
+		replacements[i] = build(t, m, layer)
+		layer.Close()
+	}
+	return m.Replace(paths, replacements)
+}
+
+func TestReplaceMixedWithDecomposition(t *testing.T) {
+	paths := []string{"blocks.0", "tail.0.1", "down"}
+	for _, name := range []string{"mixed", "mixed_traced"} {
+		t.Run(name, func(t *testing.T) {
+			m := loadModel(t, name)
+			before, err := m.Forward(testTensor(t, testInputShapes[name]...))
+			require.NoError(t, err)
+			wantShape := before[0].Shape()
+			before[0].Close()
+
+			require.NoError(t, replaceWith(t, m, paths, func(t testing.TB, owner, layer *torch.Module) *torch.Module {
+				return decomposedSequential(t, owner, layer, 16)
+			}))
+
+			modules, err := m.NamedModules()
+			require.NoError(t, err)
+			classes := map[string]string{}
+			for _, info := range modules {
+				classes[info.Name] = info.Class
+			}
+			for _, path := range paths {
+				assert.Equal(t, "Sequential", classes[path], "class of %s", path)
+				assert.Equal(t, "Conv2d", classes[path+".0"], "class of %s.0", path)
+				assert.Equal(t, "Conv2d", classes[path+".1"], "class of %s.1", path)
+			}
+			for _, path := range []string{"stem", "tall", "squeeze", "blocks.1", "heads.a", "heads.b"} {
+				assert.Equal(t, "Conv2d", classes[path], "class of the untouched %s", path)
+			}
+
+			state, err := m.StateDict()
+			require.NoError(t, err)
+			shapes := map[string][]int64{}
+			for _, entry := range state {
+				shapes[entry.Name] = entry.Shape
+			}
+			assert.Equal(t, []int64{16, 128, 5, 1}, shapes["blocks.0.0.weight"])
+			assert.Equal(t, []int64{64, 16, 1, 3}, shapes["blocks.0.1.weight"])
+			assert.Equal(t, []int64{64}, shapes["blocks.0.1.bias"])
+			assert.NotContains(t, shapes, "blocks.0.0.bias")
+			assert.NotContains(t, shapes, "blocks.0.weight")
+			assert.Equal(t, []int64{16, 128, 3, 1}, shapes["down.0.weight"])
+			assert.Equal(t, []int64{256, 16, 1, 3}, shapes["down.1.weight"])
+			assert.NotContains(t, shapes, "down.1.bias")
+			assert.Equal(t, []int64{96, 16, 1, 3}, shapes["tail.0.1.1.weight"])
+
+			down, err := m.Submodule("down.0")
+			require.NoError(t, err)
+			defer down.Close()
+			g, err := down.Conv2d()
+			require.NoError(t, err)
+			assert.Equal(t, [2]int{2, 1}, g.Stride)
+			assert.Equal(t, [2]int{1, 0}, g.Padding)
+
+			after, err := m.Forward(testTensor(t, testInputShapes[name]...))
+			require.NoError(t, err)
+			require.Len(t, after, 1)
+			assert.Equal(t, wantShape, after[0].Shape())
+			goValues, err := after[0].Float32s()
+			require.NoError(t, err)
+			after[0].Close()
+
+			path := filepath.Join(t.TempDir(), "decomposed.pt")
+			require.NoError(t, m.Save(path))
+			python := loadInPython(t, pyRequest{Path: path, Shape: testInputShapes[name]})[0]
+			var pythonNames []string
+			for _, module := range python.Modules {
+				pythonNames = append(pythonNames, module.Name)
+				assert.Equal(t, classes[module.Name], module.Class, "Python's class of %q", module.Name)
+			}
+			assert.Equal(t, moduleNames(t, m), pythonNames)
+			require.Len(t, python.Outputs, 1)
+			assert.Equal(t, wantShape, python.Outputs[0].Shape)
+			assertClose(t, goValues, python.Outputs[0].Values, 1e-5, "Python's output of the saved file")
+		})
+	}
+}
+
+func TestReplaceKeepsOutput(t *testing.T) {
+	tests := []struct {
+		model string
+		paths []string
+	}{
+		{model: "mixed", paths: []string{"stem", "blocks.0", "heads.b", "tail.0.1"}},
+		{model: "mixed_traced", paths: []string{"squeeze", "blocks.1", "heads.a"}},
+		{model: "resnet18", paths: []string{"conv1", "layer1.0.conv1", "layer3.0.downsample.0"}},
+		{model: "resnet18_traced", paths: []string{"layer2.1.conv2", "layer4.0.conv1"}},
+		{model: "twice_traced", paths: []string{"conv"}},
+		{model: "interface", paths: []string{"layer", "block.conv"}},
+		{model: "shared_weight", paths: []string{"c1", "c2"}},
+		{model: "two_outputs", paths: []string{"conv"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.model, func(t *testing.T) {
+			m := loadModel(t, tt.model)
+			before := forwardValues(t, m, tt.model)
+			require.NoError(t, replaceWith(t, m, tt.paths, equivalentSequential))
+			for _, path := range tt.paths {
+				assert.Equal(t, "Sequential", moduleClass(t, m, path), "class of %s", path)
+			}
+			after := forwardValues(t, m, tt.model)
+			require.Len(t, after, len(before))
+			for i := range before {
+				assertClose(t, before[i], after[i], 1e-4, "output "+strconv.Itoa(i))
+			}
+		})
+	}
+}
+
+func TestReplaceTracedLayerCalledTwice(t *testing.T) {
+	m := loadModel(t, "twice_traced")
+	before := forwardValues(t, m, "twice_traced")
+	require.NoError(t, replaceWith(t, m, []string{"conv"}, equivalentSequential))
+
+	conv, err := m.Submodule("conv")
+	require.NoError(t, err)
+	defer conv.Close()
+	methods, err := conv.MethodNames()
+	require.NoError(t, err)
+	assert.Contains(t, methods, "forward1")
+	assertClose(t, before[0], forwardValues(t, m, "twice_traced")[0], 1e-4, "output")
+
+	path := filepath.Join(t.TempDir(), "twice.pt")
+	require.NoError(t, m.Save(path))
+	python := loadInPython(t, pyRequest{Path: path, Shape: testInputShapes["twice_traced"]})[0]
+	require.Len(t, python.Outputs, 1)
+	assertClose(t, before[0], python.Outputs[0].Values, 1e-4, "Python's output of the saved file")
+}
+
+func TestReplaceThroughInterface(t *testing.T) {
+	m := loadModel(t, "interface")
+	before := forwardValues(t, m, "interface")
+	require.NoError(t, replaceWith(t, m, []string{"layer", "block.conv"}, equivalentSequential))
+	assertClose(t, before[0], forwardValues(t, m, "interface")[0], 1e-4, "output")
+
+	path := filepath.Join(t.TempDir(), "interface.pt")
+	require.NoError(t, m.Save(path))
+	python := loadInPython(t, pyRequest{Path: path, Shape: testInputShapes["interface"]})[0]
+	got := map[string]string{}
+	for _, module := range python.Modules {
+		got[module.Name] = module.Class
+	}
+	assert.Equal(t, "Sequential", got["layer"])
+	assert.Equal(t, "Sequential", got["block.conv"])
+	assert.Equal(t, "Conv2d", got["block.conv.1"])
+	require.Len(t, python.Outputs, 1)
+	assertClose(t, before[0], python.Outputs[0].Values, 1e-4, "Python's output of the saved file")
+}
+
+// TestReplaceResnet18SharedTypes replaces one conv of a BasicBlock whose
+// class type the other BasicBlocks of the stage share.
+func TestReplaceResnet18SharedTypes(t *testing.T) {
+	m := loadModel(t, "resnet18")
+	before, err := m.NamedModules()
+	require.NoError(t, err)
+	types := map[string]string{}
+	for _, info := range before {
+		types[info.Name] = info.Type
+	}
+	require.Equal(t, types["layer1.0"], types["layer1.1"], "the fixture's BasicBlocks share a type")
+	block, err := m.Submodule("layer1.1")
+	require.NoError(t, err)
+	defer block.Close()
+	root, err := m.Submodule("")
+	require.NoError(t, err)
+	defer root.Close()
+	want := forwardValues(t, m, "resnet18")
+
+	require.NoError(t, replaceWith(t, m, []string{"layer1.0.conv1"}, equivalentSequential))
+
+	after, err := m.NamedModules()
+	require.NoError(t, err)
+	classes := map[string]string{}
+	newTypes := map[string]string{}
+	for _, info := range after {
+		classes[info.Name] = info.Class
+		newTypes[info.Name] = info.Type
+	}
+	assert.Equal(t, "Sequential", classes["layer1.0.conv1"])
+	assert.Equal(t, "Conv2d", classes["layer1.0.conv1.1"])
+	assert.Equal(t, "Conv2d", classes["layer1.1.conv1"], "the sibling block keeps its Conv2d")
+	assert.Equal(t, "BasicBlock", classes["layer1.0"])
+	assert.NotEqual(t, newTypes["layer1.0"], newTypes["layer1.1"], "the changed block has a type of its own")
+	assert.Equal(t, types["layer1.1"], newTypes["layer1.1"], "the sibling block keeps its type")
+	assert.Equal(t, types["layer2.1"], newTypes["layer2.1"], "blocks of other stages keep their type")
+	assert.Len(t, after, len(before)+2)
+
+	sibling, err := m.Submodule("layer1.1")
+	require.NoError(t, err)
+	defer sibling.Close()
+	assert.True(t, sibling.SameObject(block), "the sibling block is the same object")
+	assert.True(t, m.SameObject(root), "the root object stays the same")
+
+	got := forwardValues(t, m, "resnet18")
+	assertClose(t, want[0], got[0], 1e-4, "output")
+
+	path := filepath.Join(t.TempDir(), "resnet18.pt")
+	require.NoError(t, m.Save(path))
+	python := loadInPython(t, pyRequest{Path: path, Shape: testInputShapes["resnet18"]})[0]
+	require.Len(t, python.Modules, len(after))
+	for i, module := range python.Modules {
+		assert.Equal(t, after[i].Name, module.Name)
+		assert.Equal(t, after[i].Class, module.Class, "Python's class of %q", module.Name)
+	}
+	var keys []string
+	for _, entry := range python.StateDict {
+		keys = append(keys, entry.Name)
+	}
+	assert.Contains(t, keys, "layer1.0.conv1.0.weight")
+	assert.Contains(t, keys, "layer1.0.conv1.1.weight")
+	assert.NotContains(t, keys, "layer1.0.conv1.weight")
+	assert.Contains(t, keys, "layer1.1.conv1.weight")
+	require.Len(t, python.Outputs, 1)
+	assertClose(t, got[0], python.Outputs[0].Values, 1e-4, "Python's output of the saved file")
+}
+
+// TestReplaceAfterForward checks that a model whose methods already ran runs
+// the new structure: tail.0.1 is the last layer, so doubling its weight and
+// bias doubles the output.
+func TestReplaceAfterForward(t *testing.T) {
+	for _, name := range []string{"mixed", "mixed_traced"} {
+		t.Run(name, func(t *testing.T) {
+			m := loadModel(t, name)
+			before := forwardValues(t, m, name)
+			forwardValues(t, m, name) // run twice, so the execution plan is cached
+
+			require.NoError(t, replaceWith(t, m, []string{"tail.0.1"}, func(t testing.TB, owner, layer *torch.Module) *torch.Module {
+				return scaledSequential(t, owner, layer, 2)
+			}))
+			doubled := make([]float32, len(before[0]))
+			for i, v := range before[0] {
+				doubled[i] = 2 * v
+			}
+			assertClose(t, doubled, forwardValues(t, m, name)[0], 1e-4, "output after the first replacement")
+
+			// Replace a layer inside the new Sequential, and another one.
+			require.NoError(t, replaceWith(t, m, []string{"tail.0.1.1", "heads.a"}, equivalentSequential))
+			assert.Equal(t, "Sequential", moduleClass(t, m, "tail.0.1.1"))
+			assertClose(t, doubled, forwardValues(t, m, name)[0], 1e-4, "output after the second replacement")
+		})
+	}
+}
+
+func TestReplaceRejected(t *testing.T) {
+	otherModel := loadModel(t, "mixed")
+
+	tests := []struct {
+		name  string
+		model string
+		paths []string
+		// build makes the replacement of each path; nil uses sequentialOf.
+		build func(t *testing.T, owner *torch.Module, path string) *torch.Module
+		want []string // substrings of the error
+	}{
+		{name: "parent reads the weight", model: "reads_weight", paths: []string{"conv"},
+			want: []string{"'conv'", "'forward'", "weight"}},
+		{name: "parent reads the weight with another layer", model: "reads_weight", paths: []string{"other", "conv"},
+			want: []string{"'conv'"}},
+		{name: "duplicate path", model: "mixed", paths: []string{"down", "down"}, want: []string{"'down'", "twice"}},
+		{name: "path inside a replaced path", model: "mixed", paths: []string{"tail.0", "tail.0.1"},
+			build: func(t *testing.T, owner *torch.Module, path string) *torch.Module {
+				return sequentialOf(t, owner, "tail.0.1")
+			},
+			want: []string{"'tail.0.1'", "'tail.0'"}},
+		{name: "unknown path", model: "mixed", paths: []string{"nope"}, want: []string{"nope"}},
+		{name: "unknown index", model: "mixed", paths: []string{"blocks.7"}, want: []string{"blocks.7"}},
+		{name: "unknown path after a valid one", model: "mixed", paths: []string{"down", "heads.z"}, want: []string{"heads.z"}},
+		{name: "parameter path", model: "mixed", paths: []string{"down.weight"}, want: []string{"down.weight"}},
+		{name: "empty path", model: "mixed", paths: []string{""}, want: []string{"root"}},
+		{name: "builder of another model", model: "mixed", paths: []string{"down"},
+			build: func(t *testing.T, _ *torch.Module, path string) *torch.Module {
+				return sequentialOf(t, otherModel, path)
+			},
+			want: []string{"'down'", "another model"}},
+		{name: "missing forward1 alias", model: "twice_traced", paths: []string{"conv"},
+			build: func(t *testing.T, owner *torch.Module, path string) *torch.Module {
+				return sequentialOf(t, owner, path)
+			},
+			want: []string{"'conv'", "forward1"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := loadModel(t, tt.model)
+			before := takeSnapshot(t, m, tt.model)
+
+			replacements := make([]*torch.Module, len(tt.paths))
+			for i, path := range tt.paths {
+				if tt.build != nil {
+					replacements[i] = tt.build(t, m, path)
+				} else {
+					replacements[i] = sequentialOf(t, m, path)
+				}
+			}
+			err := m.Replace(tt.paths, replacements)
+			require.Error(t, err)
+			assert.ErrorIs(t, err, torch.ErrTorch)
+			for _, want := range tt.want {
+				assert.Contains(t, err.Error(), want)
+			}
+			assert.NotContains(t, err.Error(), "\n")
+			assertSnapshot(t, before, m, tt.model)
+
+			// The model still accepts a valid replacement afterwards.
+			if tt.model == "mixed" {
+				require.NoError(t, replaceWith(t, m, []string{"down"}, equivalentSequential))
+				assertClose(t, before.output[0], forwardValues(t, m, tt.model)[0], 1e-4, "output after a valid replacement")
+			}
+		})
+	}
+
+	t.Run("count mismatch", func(t *testing.T) {
+		m := loadModel(t, "mixed")
+		err := m.Replace([]string{"down", "tall"}, []*torch.Module{sequentialOf(t, m, "down")})
+		require.Error(t, err)
+		assert.Equal(t, "Conv2d", moduleClass(t, m, "down"))
+	})
+
+	t.Run("closed replacement", func(t *testing.T) {
+		m := loadModel(t, "mixed")
+		replacement := sequentialOf(t, m, "down")
+		replacement.Close()
+		err := m.Replace([]string{"down"}, []*torch.Module{replacement})
+		require.ErrorIs(t, err, torch.ErrClosed)
+		assert.Equal(t, "Conv2d", moduleClass(t, m, "down"))
+	})
+}
+
+// sequentialOf returns a Sequential, built for owner, of two Conv2d layers
+// with the geometry of owner's layer at path, or a 4-to-4 3x3 geometry when
+// path is not a Conv2d of owner.
+func sequentialOf(t testing.TB, owner *torch.Module, path string) *torch.Module {
+	t.Helper()
+	spec := torch.Conv2dSpec{InChannels: 4, OutChannels: 4, Groups: 1, KernelSize: [2]int{3, 3},
+		Stride: [2]int{1, 1}, Padding: [2]int{1, 1}, Dilation: [2]int{1, 1}, DType: torch.Float32}
+	if layer, err := owner.Submodule(path); err == nil {
+		if g, err := layer.Conv2d(); err == nil {
+			spec = specOf(t, g)
+		}
+		layer.Close()
+	}
+	b, err := torch.NewBuilder(owner)
+	require.NoError(t, err)
+	defer b.Close()
+	first, err := b.Conv2d(spec)
+	require.NoError(t, err)
+	defer first.Close()
+	spec.InChannels = spec.OutChannels
+	spec.Stride = [2]int{1, 1}
+	second, err := b.Conv2d(spec)
+	require.NoError(t, err)
+	defer second.Close()
+	seq, err := b.Sequential([]*torch.Module{first, second}, nil, false)
+	require.NoError(t, err)
+	t.Cleanup(seq.Close)
+	return seq
+}
+
+// residentMemory returns the process's resident set size (VmRSS) in bytes.
+func residentMemory(t testing.TB) int64 {
+	t.Helper()
+	runtime.GC()
+	debug.FreeOSMemory()
+	status, err := os.ReadFile("/proc/self/status")
+	require.NoError(t, err)
+	for _, line := range strings.Split(string(status), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kilobytes, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			require.NoError(t, err)
+			return kilobytes * 1024
+		}
+	}
+	t.Fatal("VmRSS not found in /proc/self/status")
+	return 0
+}
+
+// TestMemoryBounded checks that handles are released: 300 cycles of Clone,
+// Replace and Close, and 2000 Forward calls, must not grow the resident set
+// by more than a generous bound. It measures memory, not time.
+func TestMemoryBounded(t *testing.T) {
+	if testing.Short() {
+		t.Skip("skipped in -short mode")
+	}
+	const maxGrowth = 200 << 20
+
+	t.Run("clone replace close", func(t *testing.T) {
+		m := loadModel(t, "mixed")
+		cycle := func() {
+			clone, err := m.Clone()
+			require.NoError(t, err)
+			layer, err := clone.Submodule("tail.0.1")
+			require.NoError(t, err)
+			seq := decomposedSequential(t, clone, layer, 8)
+			layer.Close()
+			require.NoError(t, clone.Replace([]string{"tail.0.1"}, []*torch.Module{seq}))
+			seq.Close()
+			clone.Close()
+		}
+		for i := 0; i < 20; i++ {
+			cycle()
+		}
+		start := residentMemory(t)
+		for i := 0; i < 300; i++ {
+			cycle()
+		}
+		growth := residentMemory(t) - start
+		t.Logf("resident set grew by %.1f MB over 300 cycles", float64(growth)/(1<<20))
+		assert.Less(t, growth, int64(maxGrowth))
+	})
+
+	t.Run("forward", func(t *testing.T) {
+		m := loadModel(t, "two_outputs")
+		x := testTensor(t, testInputShapes["two_outputs"]...)
+		run := func() {
+			outputs, err := m.Forward(x)
+			require.NoError(t, err)
+			for _, out := range outputs {
+				out.Close()
+			}
+		}
+		for i := 0; i < 100; i++ {
+			run()
+		}
+		start := residentMemory(t)
+		for i := 0; i < 2000; i++ {
+			run()
+		}
+		growth := residentMemory(t) - start
+		t.Logf("resident set grew by %.1f MB over 2000 forward calls", float64(growth)/(1<<20))
+		assert.Less(t, growth, int64(maxGrowth))
+	})
+}
