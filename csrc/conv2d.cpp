@@ -313,29 +313,6 @@ std::string tupleSource(const std::vector<int64_t>& v) {
   return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")";
 }
 
-std::string listSource(const std::vector<int64_t>& v) {
-  return "[" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + "]";
-}
-
-// conv2dSource is the TorchScript of a Conv2d's methods with its
-// configuration inlined, as torch.jit.script writes it.
-std::string conv2dSource(const ConvGeometry& g) {
-  std::string stride = listSource(g.stride), dilation = listSource(g.dilation);
-  std::string groups = std::to_string(g.groups);
-  std::string padding = g.padding_string.empty() ? listSource(g.padding) : "\"" + g.padding_string + "\"";
-  std::string call;
-  if (g.padding_mode == "zeros") {
-    call = "torch.conv2d(input, weight, bias, " + stride + ", " + padding + ", " + dilation + ", " + groups + ")";
-  } else {
-    call = "torch.conv2d(torch.pad(input, self._reversed_padding_repeated_twice, \"" + g.padding_mode +
-           "\"), weight, bias, " + stride + ", [0, 0], " + dilation + ", " + groups + ")";
-  }
-  return "def forward(self, input: Tensor) -> Tensor:\n"
-         "    return self._conv_forward(input, self.weight, self.bias)\n"
-         "def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:\n"
-         "    return " + call + "\n";
-}
-
 std::string configKey(const ConvGeometry& g) {
   std::ostringstream key;
   key << g.in_channels << '/' << g.out_channels << '/' << tupleSource(g.kernel_size) << tupleSource(g.stride)
@@ -389,6 +366,100 @@ std::pair<at::Tensor, at::Tensor> defaultParameters(const ConvGeometry& g) {
   return {weight, bias};
 }
 
+// Methods are built as graphs rather than compiled from TorchScript source:
+// the compiler costs milliseconds per type, which adds up on large models.
+// The graphs are the ones torch.jit.script makes for torch 1.13's Conv2d and
+// Sequential, so the saved code reads the same.
+
+c10::Argument argument(const std::string& name, c10::TypePtr type) { return c10::Argument(name, std::move(type)); }
+
+void addMethod(const std::shared_ptr<torch::jit::CompilationUnit>& cu, const c10::ClassTypePtr& type,
+               const std::string& name, const std::shared_ptr<torch::jit::Graph>& graph,
+               std::vector<c10::Argument> arguments, c10::TypePtr returns) {
+  auto* fn = cu->create_function(c10::QualifiedName(*type->name(), name), graph);
+  fn->setSchema(c10::FunctionSchema(name, "", std::move(arguments), {c10::Argument("", std::move(returns))}));
+  type->addMethod(fn);
+}
+
+// callMethod appends prim::CallMethod[name](object, args...) returning a Tensor.
+Value* callMethod(torch::jit::Graph& graph, const std::string& name, std::vector<Value*> inputs) {
+  Node* call = graph.insertNode(graph.create(c10::prim::CallMethod, inputs));
+  call->s_(c10::attr::name, name);
+  call->output()->setType(c10::TensorType::get());
+  return call->output();
+}
+
+// addConv2dMethods gives a Conv2d type forward(input), which reads the
+// parameters and calls _conv_forward(input, weight, bias), which pads for
+// padding modes other than zeros and convolves with the configuration as
+// constants.
+void addConv2dMethods(const std::shared_ptr<torch::jit::CompilationUnit>& cu, const c10::ClassTypePtr& type,
+                      const ConvGeometry& g) {
+  auto tensor = c10::TensorType::get();
+  auto optionalTensor = c10::OptionalType::create(tensor);
+
+  auto forward = std::make_shared<torch::jit::Graph>();
+  Value* self = forward->addInput("self")->setType(type);
+  Value* input = forward->addInput("input")->setType(tensor);
+  Value* weight = forward->insertGetAttr(self, "weight");
+  weight->setDebugName("weight");
+  Value* bias = forward->insertGetAttr(self, "bias");
+  bias->setDebugName("bias");
+  forward->registerOutput(callMethod(*forward, "_conv_forward", {self, input, weight, bias}));
+  addMethod(cu, type, "forward", forward, {argument("self", type), argument("input", tensor)}, tensor);
+
+  auto conv = std::make_shared<torch::jit::Graph>();
+  self = conv->addInput("self")->setType(type);
+  input = conv->addInput("input")->setType(tensor);
+  weight = conv->addInput("weight")->setType(tensor);
+  bias = conv->addInput("bias")->setType(optionalTensor);
+  Value* padded = input;
+  c10::IValue padding = g.padding_string.empty() ? c10::IValue(g.padding) : c10::IValue(g.padding_string);
+  if (g.padding_mode != "zeros") {
+    Value* amounts = conv->insertGetAttr(self, "_reversed_padding_repeated_twice");
+    amounts->setDebugName("_reversed_padding_repeated_twice");
+    padded = conv->insert(c10::aten::pad, {padded, amounts, c10::IValue(g.padding_mode), c10::IValue()});
+    padding = c10::IValue(std::vector<int64_t>{0, 0});
+  }
+  Value* out = conv->insert(c10::aten::conv2d, {padded, weight, bias, c10::IValue(g.stride), padding,
+                                                c10::IValue(g.dilation), c10::IValue(g.groups)});
+  conv->registerOutput(out);
+  addMethod(cu, type, "_conv_forward", conv,
+            {argument("self", type), argument("input", tensor), argument("weight", tensor),
+             argument("bias", optionalTensor)},
+            tensor);
+}
+
+// addSequentialMethods gives a Sequential type forward(input), which calls
+// each child's forward in order, __len__, and one alias of forward per name.
+void addSequentialMethods(const std::shared_ptr<torch::jit::CompilationUnit>& cu, const c10::ClassTypePtr& type,
+                          size_t children, const std::vector<std::string>& aliases) {
+  auto tensor = c10::TensorType::get();
+
+  auto forward = std::make_shared<torch::jit::Graph>();
+  Value* self = forward->addInput("self")->setType(type);
+  Value* x = forward->addInput("input")->setType(tensor);
+  for (size_t i = 0; i < children; ++i) {
+    Value* child = forward->insertGetAttr(self, std::to_string(i));
+    x = callMethod(*forward, "forward", {child, x});
+  }
+  forward->registerOutput(x);
+  addMethod(cu, type, "forward", forward, {argument("self", type), argument("input", tensor)}, tensor);
+
+  auto length = std::make_shared<torch::jit::Graph>();
+  length->addInput("self")->setType(type);
+  length->registerOutput(length->insertConstant(static_cast<int64_t>(children)));
+  addMethod(cu, type, "__len__", length, {argument("self", type)}, c10::IntType::get());
+
+  for (const auto& alias : aliases) {
+    auto graph = std::make_shared<torch::jit::Graph>();
+    Value* aliasSelf = graph->addInput("self")->setType(type);
+    Value* aliasInput = graph->addInput("input")->setType(tensor);
+    graph->registerOutput(callMethod(*graph, "forward", {aliasSelf, aliasInput}));
+    addMethod(cu, type, alias, graph, {argument("self", type), argument("input", tensor)}, tensor);
+  }
+}
+
 }  // namespace
 
 struct cs_builder {
@@ -429,7 +500,7 @@ c10::ClassTypePtr conv2dType(cs_builder* b, const ConvGeometry& g) {
   type->addConstant("dilation", pair(g.dilation));
   type->addConstant("padding_mode", g.padding_mode);
   type->addConstant("groups", g.groups);
-  m.define(conv2dSource(g));
+  addConv2dMethods(b->cu, type, g);
   b->types.emplace(key, type);
   return type;
 }
@@ -471,19 +542,6 @@ Module newConv2d(cs_builder* b, const ConvGeometry& g) {
 }
 
 
-std::string sequentialSource(size_t n, const std::vector<std::string>& aliases) {
-  std::string src = "def forward(self, input: Tensor) -> Tensor:\n";
-  for (size_t i = 0; i < n; ++i) {
-    src += "    input = getattr(self, \"" + std::to_string(i) + "\").forward(input)\n";
-  }
-  src += "    return input\n";
-  src += "def __len__(self) -> int:\n    return " + std::to_string(n) + "\n";
-  for (const auto& alias : aliases) {
-    src += "def " + alias + "(self, input: Tensor) -> Tensor:\n    return self.forward(input)\n";
-  }
-  return src;
-}
-
 bool isIdentifier(const std::string& s) {
   if (s.empty() || std::isdigit(static_cast<unsigned char>(s[0]))) return false;
   for (unsigned char c : s) {
@@ -512,7 +570,7 @@ Module newSequential(cs_builder* b, const std::vector<Module>& children, const s
     type->addAttribute("training", c10::BoolType::get());
     type->addAttribute("_is_full_backward_hook", c10::NoneType::get());
     for (size_t i = 0; i < children.size(); ++i) type->addAttribute(std::to_string(i), children[i].type());
-    m.define(sequentialSource(children.size(), aliases));
+    addSequentialMethods(b->cu, type, children.size(), aliases);
     b->types.emplace(key, type);
   }
 

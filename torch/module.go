@@ -84,13 +84,14 @@ func (m *Module) Save(path string) error {
 		return err
 	}
 	defer runtime.KeepAlive(m)
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	// The temporary file sits in a fresh folder beside path and has path's
+	// base name, because libtorch names the archive's top folder after it.
+	tmpDir, err := os.MkdirTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
 		return fmt.Errorf("save %s: %w", path, err)
 	}
-	tmpName := tmp.Name()
-	tmp.Close()
-	defer os.Remove(tmpName) // a no-op after the rename
+	defer os.RemoveAll(tmpDir)
+	tmpName := filepath.Join(tmpDir, filepath.Base(path))
 
 	cpath := C.CString(tmpName)
 	defer C.free(unsafe.Pointer(cpath))
