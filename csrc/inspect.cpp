@@ -145,9 +145,15 @@ std::vector<int64_t> takeSizes(const c10::List<int64_t>& sizes, size_t& at) {
   return out;
 }
 
-void readRecords(ProbedLayer& layer) {
+c10::List<int64_t> records(const ProbedLayer& layer) {
   auto type = layer.probe.type();
-  c10::List<int64_t> sizes = layer.probe._ivalue()->getSlot(*type->findAttributeSlot("sizes")).toIntList();
+  return layer.probe._ivalue()->getSlot(*type->findAttributeSlot("sizes")).toIntList();
+}
+
+void clearRecords(ProbedLayer& layer) { records(layer).clear(); }
+
+void readRecords(ProbedLayer& layer) {
+  c10::List<int64_t> sizes = records(layer);
   size_t at = 0;
   while (at < sizes.size()) {
     layer.inputs.push_back(takeSizes(sizes, at));
@@ -192,13 +198,25 @@ std::string probeShapes(const Module& model, const std::vector<int64_t>& inputSh
     layer.conv = item.value;
     layers.push_back(layer);
   }
-  const c10::ScalarType dtype = inputDtype(layers);
+  c10::ScalarType dtype = inputDtype(layers);
 
   if (!rootIsConv) installProbes(copy, layers);
   copy.eval();
   torch::NoGradGuard noGrad;
   at::Tensor input = torch::zeros(inputShape, torch::TensorOptions().dtype(dtype));
-  c10::IValue output = copy.forward({input});
+  c10::IValue output;
+  try {
+    output = copy.forward({input});
+  } catch (const std::exception&) {
+    // Some models take float32 and cast for a wider first layer themselves.
+    if (dtype == c10::kFloat) throw;
+    dtype = c10::kFloat;
+    for (auto& layer : layers) {
+      if (layer.probed && !rootIsConv) clearRecords(layer);
+    }
+    input = torch::zeros(inputShape, torch::TensorOptions().dtype(dtype));
+    output = copy.forward({input});
+  }
 
   if (rootIsConv) {
     // The model itself is the only Conv2d: its forward is the call.

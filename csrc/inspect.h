@@ -17,9 +17,10 @@ extern "C" {
 
 /*
  * Runs one forward pass of a copy of m in eval mode without gradients, on a
- * zero tensor of the given sizes whose dtype is that of the first Conv2d's
- * weight (float32 when m has no Conv2d), and records the input and output
- * sizes of every call of every Conv2d. m itself is not changed. The copy
+ * zero tensor of the given sizes, and records the input and output sizes of
+ * every call of every Conv2d. The input's dtype is that of the first
+ * Conv2d's weight, or float32 when m has no Conv2d or when the pass fails
+ * with the first Conv2d's dtype (models that cast their input themselves). m itself is not changed. The copy
  * shares m's parameter tensors, so this costs no second copy of the weights.
  *
  * *json receives

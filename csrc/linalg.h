@@ -22,15 +22,27 @@ extern "C" {
 
 typedef struct cs_lowrank cs_lowrank;
 
+/* How cs_lowrank_new computes the decomposition. */
+enum {
+  /* LAPACK routines through the library libtorch loaded when they are found,
+   * at::linalg_eigh otherwise. */
+  CS_LOWRANK_AUTO = 0,
+  /* at::linalg_eigh: all eigenvectors, the slower path. */
+  CS_LOWRANK_EIGH = 1
+};
+
 /*
  * Unfolds weight (a 4-D float16, float32 or float64 tensor with finite values)
- * in float64 and computes the singular values and left singular vectors of
- * the matrix. They come from the eigen-decomposition of the L x L Gram matrix
- * A A^T. When an eigenvalue is too small to tell from rounding error, the
- * singular values come from an SVD of A instead.
+ * in float64 and computes the singular values of the matrix, and what the
+ * factors need of its left singular vectors. Both come from the
+ * eigen-decomposition of the L x L Gram matrix A A^T. When an eigenvalue is
+ * too small to tell from rounding error, the singular values come from an SVD
+ * of A instead. method is CS_LOWRANK_AUTO or CS_LOWRANK_EIGH.
  */
-int cs_lowrank_new(cs_tensor* weight, int split_output, int split_width, cs_lowrank** out,
-                   char** err);
+int cs_lowrank_new(cs_tensor* weight, int split_output, int split_width, int method,
+                   cs_lowrank** out, char** err);
+/* Returns 1 when the LAPACK routines of CS_LOWRANK_AUTO were found. */
+int cs_lowrank_lapack_available(void);
 void cs_lowrank_free(cs_lowrank* f);
 /* Writes the matrix size L x M (L <= M is not guaranteed). */
 void cs_lowrank_size(cs_lowrank* f, int64_t* rows, int64_t* cols);

@@ -330,7 +330,7 @@ func TestBuilderConv2dStorage(t *testing.T) {
 				outputs, err := conv.Forward(x)
 				require.NoError(t, err)
 				assert.Equal(t, torch.Float64, outputs[0].DType())
-				assert.Equal(t, []int64{1, 6, 5, 9}, outputs[0].Shape())
+				assert.Equal(t, []int64{1, 6, 5, 7}, outputs[0].Shape())
 				outputs[0].Close()
 			}
 		})

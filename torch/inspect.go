@@ -40,7 +40,9 @@ type Conv2dProbe struct {
 
 // ProbeConv2dShapes runs one forward pass on a zero input of the given sizes
 // and records the sizes of the input and output of every call of every
-// Conv2d layer. The input's dtype is that of the first Conv2d's weight.
+// Conv2d layer. The input's dtype is that of the first Conv2d's weight, or
+// float32 when the model has no Conv2d or the pass fails with that dtype
+// (a model that casts its float32 input for a float64 layer itself).
 //
 // The pass runs in eval mode without gradients on a copy of the model that
 // has its own class types but shares the parameter tensors, so the model

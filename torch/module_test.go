@@ -586,7 +586,15 @@ func TestCloneHasOwnTypes(t *testing.T) {
 			require.NoError(t, err)
 			defer clone.Close()
 			assert.False(t, clone.SameObject(original))
-			assertSnapshot(t, before, clone, tt.model)
+			cloned := takeSnapshot(t, clone, tt.model)
+			require.Len(t, cloned.modules, len(before.modules))
+			for i, info := range cloned.modules {
+				assert.Equal(t, before.modules[i].Name, info.Name)
+				assert.Equal(t, before.modules[i].Class, info.Class, "class of %q", info.Name)
+				assert.NotEqual(t, before.modules[i].Type, info.Type, "the copy of %q has a type of its own", info.Name)
+			}
+			assert.Equal(t, before.state, cloned.state)
+			assert.Equal(t, before.output, cloned.output)
 
 			layer, err := clone.Submodule(tt.path)
 			require.NoError(t, err)
@@ -601,6 +609,22 @@ func TestCloneHasOwnTypes(t *testing.T) {
 			assertClose(t, before.output[0], cloneOutput[0], 1e-4, "output of the changed clone")
 		})
 	}
+}
+
+// TestCloneIsAnotherModel checks that a copy is a model of its own: a
+// replacement built for the original is rejected by the copy, as one built
+// for any other model is.
+func TestCloneIsAnotherModel(t *testing.T) {
+	original := loadModel(t, "mixed")
+	clone, err := original.Clone()
+	require.NoError(t, err)
+	defer clone.Close()
+	before := takeSnapshot(t, clone, "mixed")
+
+	err = clone.Replace([]string{"down"}, []*torch.Module{sequentialOf(t, original, "down")})
+	require.Error(t, err, "the copy accepted a replacement built for the original")
+	assert.Contains(t, err.Error(), "another model")
+	assertSnapshot(t, before, clone, "mixed")
 }
 
 func TestNamedModulesMatchPython(t *testing.T) {
@@ -880,4 +904,120 @@ func TestClosedModule(t *testing.T) {
 		})
 	}
 	assert.False(t, m.SameObject(m))
+}
+
+// splitLayer replaces the Conv2d at path by a Sequential of two Conv2d
+// layers of its geometry. It reports failures as errors rather than through
+// testing.T, so that goroutines can call it.
+func splitLayer(m *torch.Module, path string) error {
+	layer, err := m.Submodule(path)
+	if err != nil {
+		return err
+	}
+	g, err := layer.Conv2d()
+	layer.Close()
+	if err != nil {
+		return err
+	}
+	b, err := torch.NewBuilder(m)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	dtype, err := torch.ParseDType(g.DType)
+	if err != nil {
+		return err
+	}
+	spec := torch.Conv2dSpec{
+		InChannels: g.InChannels, OutChannels: g.OutChannels, Groups: g.Groups,
+		KernelSize: g.KernelSize, Stride: g.Stride, Padding: g.Padding, Dilation: g.Dilation,
+		PaddingMode: g.PaddingMode, Bias: g.Bias, DType: dtype, Training: g.Training,
+	}
+	first, err := b.Conv2d(spec)
+	if err != nil {
+		return err
+	}
+	defer first.Close()
+	spec.InChannels, spec.Stride = spec.OutChannels, [2]int{1, 1}
+	second, err := b.Conv2d(spec)
+	if err != nil {
+		return err
+	}
+	defer second.Close()
+	seq, err := b.Sequential([]*torch.Module{first, second}, nil, g.Training)
+	if err != nil {
+		return err
+	}
+	defer seq.Close()
+	return m.Replace([]string{path}, []*torch.Module{seq})
+}
+
+// TestConcurrentModels changes and runs distinct models from several
+// goroutines at once, which Module's documentation allows for models loaded
+// separately and for copies made with Clone.
+func TestConcurrentModels(t *testing.T) {
+	const workers = 6
+	layers := []string{"stem", "down", "tall", "squeeze", "blocks.0", "blocks.1", "heads.a", "heads.b", "tail.0.1"}
+	paths := append([]string{}, layers...)
+	for _, layer := range layers {
+		paths = append(paths, layer+".1") // the second layer of the new Sequential
+	}
+	x := testTensor(t, 1, 3, 16, 16)
+
+	for _, source := range []string{"load", "clone"} {
+		t.Run(source, func(t *testing.T) {
+			base := loadModel(t, "mixed")
+			models := make([]*torch.Module, workers)
+			for i := range models {
+				var err error
+				if source == "load" {
+					models[i], err = torch.Load(modelPath(t, "mixed"))
+				} else {
+					models[i], err = base.Clone()
+				}
+				require.NoError(t, err)
+				t.Cleanup(models[i].Close)
+			}
+
+			var wg sync.WaitGroup
+			start := make(chan struct{})
+			failures := make(chan error, workers)
+			for _, m := range models {
+				wg.Add(1)
+				go func(m *torch.Module) {
+					defer wg.Done()
+					<-start
+					for _, path := range paths {
+						if err := splitLayer(m, path); err != nil {
+							failures <- fmt.Errorf("replacing %s: %w", path, err)
+							return
+						}
+					}
+					outputs, err := m.Forward(x)
+					if err != nil {
+						failures <- fmt.Errorf("forward: %w", err)
+						return
+					}
+					for _, out := range outputs {
+						out.Close()
+					}
+				}(m)
+			}
+			close(start)
+			wg.Wait()
+			close(failures)
+			for err := range failures {
+				t.Error(err)
+			}
+			if t.Failed() {
+				return
+			}
+			for _, m := range models {
+				for _, path := range paths {
+					assert.Equal(t, "Sequential", moduleClass(t, m, path))
+				}
+			}
+			assert.Equal(t, "Conv2d", moduleClass(t, base, "stem"), "the original keeps its layers")
+		})
+	}
 }

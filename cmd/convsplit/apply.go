@@ -19,6 +19,7 @@ var errHelp = errors.New("help requested")
 
 type applyFlags struct {
 	model, info, out, changes string
+	weights                   string
 	seed                      int64
 	seedSet, dryRun, inPlace  bool
 	verbose                   bool
@@ -33,11 +34,12 @@ func parseApplyFlags(args []string, stderr io.Writer) (applyFlags, error) {
 	fs.StringVar(&f.out, "o", "", "output TorchScript `file` (required unless -dry-run)")
 	fs.StringVar(&f.changes, "changes", "", "write the changes to this JSON `file`, as AMCT's dict in file order")
 	fs.Int64Var(&f.seed, "seed", 0, "seed torch's generator with `N` first, so new weights equal AMCT's after torch.manual_seed(N)")
+	fs.StringVar(&f.weights, "weights", "", "load this torch.save'd state dict `file` (such as AMCT's decomposed weights) into the restructured model, strictly")
 	fs.BoolVar(&f.dryRun, "dry-run", false, "check the file against the model and print the changes, writing nothing")
 	fs.BoolVar(&f.inPlace, "in-place", false, "allow -o to name the input model file")
 	fs.BoolVar(&f.verbose, "v", false, "log each step to stderr")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: convsplit apply -model IN.pt -info INFO.json -o OUT.pt [-changes CHANGES.json] [-seed N] [-dry-run]")
+		fmt.Fprintln(stderr, "usage: convsplit apply -model IN.pt -info INFO.json -o OUT.pt [-changes CHANGES.json] [-seed N] [-weights STATE.pt] [-dry-run]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -129,6 +131,13 @@ func runApply(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer result.Close()
+	if f.weights != "" {
+		report, err := result.LoadStateDictFromFile(f.weights, true)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "loaded %d tensors from %s\n", len(report.Loaded), f.weights)
+	}
 	after, err := countParameters(result)
 	if err != nil {
 		return err

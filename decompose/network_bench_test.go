@@ -1,0 +1,208 @@
+package decompose_test
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+
+	"github.com/convsplit/convsplit/decompose"
+	"github.com/convsplit/convsplit/internal/testutil"
+	"github.com/convsplit/convsplit/torch"
+)
+
+// benchFixture returns the TorchScript file of a zoo model. vgg16's file is
+// over 500 MB, so its benchmarks run only when the fixture exists or
+// CONVSPLIT_LARGE=1 asks to make it.
+func benchFixture(b *testing.B, name string) string {
+	b.Helper()
+	if name == "vgg16" && os.Getenv("CONVSPLIT_LARGE") != "1" {
+		path := filepath.Join(testutil.FixtureDir(), name+".pt")
+		if _, err := os.Stat(path); err != nil {
+			b.Skipf("%s is missing; set CONVSPLIT_LARGE=1 to make it (over 500 MB)", path)
+		}
+	}
+	return testutil.Fixture(b, name)
+}
+
+func loadBenchModel(b *testing.B, path string) *torch.Module {
+	b.Helper()
+	model, err := torch.Load(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(model.Close)
+	return model
+}
+
+// benchmarkNetwork times decompose.Network on a fresh Clone of model per
+// iteration; cloning and releasing are not timed. It reports the time per
+// replaced layer too.
+func benchmarkNetwork(b *testing.B, model *torch.Module, infoPath string, layers int) {
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		clone, err := model.Clone()
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		result, _, err := decompose.Network(clone, infoPath)
+		b.StopTimer()
+		if err != nil {
+			b.Fatal(err)
+		}
+		result.Close()
+		clone.Close()
+		b.StartTimer()
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/float64(layers), "us/layer")
+}
+
+func benchEntryCount(b *testing.B, infoPath string) int {
+	b.Helper()
+	info, err := decompose.ReadInfo(infoPath)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return len(info.Entries)
+}
+
+// BenchmarkNetwork compares with AMCT's decompose_network, whose times on
+// this kind of machine are in testdata/amct/*/reference.json
+// (amct_seconds.decompose_network).
+func BenchmarkNetwork(b *testing.B) {
+	for _, name := range []string{"resnet50", "vgg16"} {
+		b.Run(name, func(b *testing.B) {
+			model := loadBenchModel(b, benchFixture(b, name))
+			infoPath := testutil.AMCT(name, "decompose_info.json")
+			benchmarkNetwork(b, model, infoPath, benchEntryCount(b, infoPath))
+		})
+	}
+}
+
+// BenchmarkNetworkLayers restructures resnet50 with the first 1, 10 and all
+// entries of its information file, to show how the time grows with the
+// number of layers.
+func BenchmarkNetworkLayers(b *testing.B) {
+	model := loadBenchModel(b, benchFixture(b, "resnet50"))
+	info, err := decompose.ReadInfo(testutil.AMCT("resnet50", "decompose_info.json"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	dir := b.TempDir()
+	for _, n := range []int{1, 10, len(info.Entries)} {
+		b.Run(strconv.Itoa(n), func(b *testing.B) {
+			truncated := &decompose.Info{Entries: info.Entries[:n]}
+			path := filepath.Join(dir, "first"+strconv.Itoa(n)+".json")
+			if err := truncated.WriteFile(path); err != nil {
+				b.Fatal(err)
+			}
+			benchmarkNetwork(b, model, path, n)
+		})
+	}
+}
+
+// BenchmarkNetworkDraws times what Network spends drawing weights: making
+// the same new Conv2d layers through a builder whose layer types are already
+// compiled, so each iteration costs the draws, object creation and one cgo
+// call per layer.
+func BenchmarkNetworkDraws(b *testing.B) {
+	for _, name := range []string{"resnet50", "vgg16"} {
+		b.Run(name, func(b *testing.B) {
+			model := loadBenchModel(b, benchFixture(b, name))
+			specs := benchLayerSpecs(b, model, testutil.AMCT(name, "decompose_info.json"))
+			builder, err := torch.NewBuilder(model)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer builder.Close()
+			makeAll := func() {
+				for _, spec := range specs {
+					m, err := builder.Conv2d(spec)
+					if err != nil {
+						b.Fatal(err)
+					}
+					m.Close()
+				}
+			}
+			makeAll() // compiles the types
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				makeAll()
+			}
+		})
+	}
+}
+
+// benchLayerSpecs returns the specs of the layers Network makes for the
+// information file, in its order: per entry the first, then the last layer.
+func benchLayerSpecs(b *testing.B, model *torch.Module, infoPath string) []torch.Conv2dSpec {
+	b.Helper()
+	info, err := decompose.ReadInfo(infoPath)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var specs []torch.Conv2dSpec
+	for _, e := range info.Entries {
+		sub, err := model.Submodule(e.Layer.Name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		g, err := sub.Conv2d()
+		sub.Close()
+		if err != nil {
+			b.Fatal(err)
+		}
+		dtype, err := torch.ParseDType(g.DType)
+		if err != nil {
+			b.Fatal(err)
+		}
+		first, last, err := e.SplitGeometry(decompose.ConvGeometry{
+			InChannels: g.InChannels, OutChannels: g.OutChannels, KernelSize: g.KernelSize, Stride: g.Stride,
+			Padding: g.Padding, Dilation: g.Dilation, Groups: g.Groups, PaddingMode: g.PaddingMode, Bias: g.Bias,
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, n := range []decompose.ConvGeometry{first, last} {
+			specs = append(specs, torch.Conv2dSpec{
+				InChannels: n.InChannels, OutChannels: n.OutChannels, Groups: n.Groups,
+				KernelSize: n.KernelSize, Stride: n.Stride, Padding: n.Padding, Dilation: n.Dilation,
+				PaddingMode: n.PaddingMode, Bias: n.Bias, DType: dtype,
+				ChannelsLast: g.ChannelsLast, Training: g.Training,
+			})
+		}
+	}
+	return specs
+}
+
+// BenchmarkRewrite times what convsplit apply does: load the file,
+// restructure the model and save it.
+func BenchmarkRewrite(b *testing.B) {
+	for _, name := range []string{"resnet50", "vgg16"} {
+		b.Run(name, func(b *testing.B) {
+			path := benchFixture(b, name)
+			infoPath := testutil.AMCT(name, "decompose_info.json")
+			out := filepath.Join(b.TempDir(), "out.pt")
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				model, err := torch.Load(path)
+				if err != nil {
+					b.Fatal(err)
+				}
+				result, _, err := decompose.Network(model, infoPath)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := result.Save(out); err != nil {
+					b.Fatal(err)
+				}
+				result.Close()
+				model.Close()
+			}
+		})
+	}
+}
