@@ -107,7 +107,9 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 	}
 	defer closeAll(replacements)
 	if err := model.Replace(paths, replacements); err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", source, err)
+		// Replace checks how the parents use each layer before it changes
+		// anything, so its errors are layers the model cannot give up.
+		return nil, nil, fmt.Errorf("%s: %w: %w", source, ErrUnsupportedLayer, err)
 	}
 	slog.Debug("decomposed layers", "source", source, "count", len(layers))
 	return model, changes, nil
@@ -159,7 +161,8 @@ func planLayers(model *torch.Module, info *Info, source string) ([]plannedLayer,
 		}
 		m, ok := byName[e.Layer.Name]
 		if !ok {
-			return nil, wrap(ErrLayerNotFound, "ori_layer_info.name", "the model has no module of this name")
+			return nil, wrap(ErrLayerNotFound, "ori_layer_info.name",
+				"the model has no module of this name (a model frozen with torch.jit.freeze has no layers left)")
 		}
 		if !m.Conv2d {
 			return nil, wrap(ErrNotConv2d, "ori_layer_info.name", "the module is a %s (%s), not a torch.nn.Conv2d", m.Class, m.Type)

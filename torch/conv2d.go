@@ -114,14 +114,15 @@ func (b *Builder) Conv2d(spec Conv2dSpec) (*Module, error) {
 	cpadding := C.CString(spec.PaddingString)
 	defer C.free(unsafe.Pointer(cpadding))
 	cspec := C.cs_conv2d_spec{
-		in_channels:   C.int64_t(spec.InChannels),
-		out_channels:  C.int64_t(spec.OutChannels),
-		groups:        C.int64_t(spec.Groups),
-		padding_mode:  cmode,
-		bias:          cBool(spec.Bias),
-		dtype:         C.int(spec.DType),
-		channels_last: cBool(spec.ChannelsLast),
-		training:      cBool(spec.Training),
+		in_channels:    C.int64_t(spec.InChannels),
+		out_channels:   C.int64_t(spec.OutChannels),
+		groups:         C.int64_t(spec.Groups),
+		padding_mode:   cmode,
+		padding_string: cpadding,
+		bias:           cBool(spec.Bias),
+		dtype:          C.int(spec.DType),
+		channels_last:  cBool(spec.ChannelsLast),
+		training:       cBool(spec.Training),
 	}
 	for i := 0; i < 2; i++ {
 		cspec.kernel_size[i] = C.int64_t(spec.KernelSize[i])
