@@ -261,6 +261,8 @@ void readTraced(const Module& m, ConvGeometry& g) {
     const std::string kind = pad->kind().toQualString();
     if (kind == "aten::pad") {
       g.padding_mode = constantOf(pad->input(2), "mode").toStringRef();
+      TORCH_CHECK(g.padding_mode == "reflect" || g.padding_mode == "replicate" || g.padding_mode == "circular",
+                  "traced padding mode '", g.padding_mode, "' is not a Conv2d padding mode");
     } else if (kind == "aten::reflection_pad2d") {
       g.padding_mode = "reflect";
     } else if (kind == "aten::replication_pad2d") {

@@ -28,6 +28,10 @@ void cs_free(void* p);
 /* Seeds libtorch's default CPU generator, as Python's torch.manual_seed does. */
 void cs_manual_seed(uint64_t seed);
 
+/* The default CPU generator's state, to undo draws of a failed call. */
+void cs_generator_state(cs_tensor** out);
+void cs_generator_set_state(cs_tensor* state);
+
 /* Modules. */
 int cs_module_load(const char* path, cs_module** out, char** err);
 int cs_module_save(cs_module* m, const char* path, char** err);

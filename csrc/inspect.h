@@ -1,6 +1,6 @@
 /*
  * inspect.h: the C API behind convsplit inspect and convsplit bench:
- * recording the tensor sizes each Conv2d layer sees during a forward pass,
+ * recording the tensor sizes each Conv2d layer receives and returns during a forward pass,
  * and libtorch's intra-op thread count.
  *
  * Conventions as in convsplit.h: 0 on success and 1 on failure, with a
@@ -29,7 +29,8 @@ extern "C" {
  * with the Conv2d layers in named_modules() order. A layer has probed false
  * and a reason when it could not be wrapped for recording (for example when
  * its parent reads its weight), and no calls when the forward pass never
- * ran it.
+ * ran it. The copy's class types stay registered in m's compilation unit
+ * (Module::clone puts them there) but lose their methods after the pass.
  */
 int cs_probe_conv2d_shapes(cs_module* m, const int64_t* input_shape, int ndim, char** json, char** err);
 

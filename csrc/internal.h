@@ -18,6 +18,9 @@ struct cs_module {
   torch::jit::Module module;
   // Extra files of the archive the module was loaded from, written back on save.
   std::shared_ptr<torch::jit::ExtraFilesMap> extra_files;
+  // submodule: the handle came from cs_module_submodule, so the object has
+  // parents whose methods this handle cannot see.
+  bool submodule = false;
 };
 
 struct cs_tensor {

@@ -53,7 +53,7 @@ int cs_lowrank_singular_values(cs_lowrank* f, double* s, int64_t n, char** err);
  * The first layer's weight is (rank, C_in, kh, 1) or (rank, C_in, 1, kw) and
  * the last layer's is (C_out, rank, 1, kw) or (C_out, rank, kh, 1): the layer
  * on the split channel's side (first when the input channels are split, last
- * when the output channels are) holds U_r, and its kernel runs along the split
+ * when the output channels are) stores U_r, and its kernel runs along the split
  * kernel axis. Both weights have the original weight's dtype (values clamped
  * to its finite range), memory format (contiguous or channels-last) and
  * requires_grad flag.

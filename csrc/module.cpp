@@ -3,6 +3,8 @@
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/torch.h>
 
+#include <unordered_map>
+
 #include "internal.h"
 
 using convsplit::guard;
@@ -206,17 +208,35 @@ void cs_module_free(cs_module* m) { delete m; }
 
 int cs_module_clone(cs_module* m, cs_module** out, char** err) {
   return guard(err, [&] {
-    // Module::clone gives the copy its own class types (deepcopy would share
-    // them, and a later type change through one would reach the other).
-    Module copy = m->module.clone();
+    // A round trip through an in-memory archive gives the copy its own
+    // compilation unit and class types. Module::clone would keep the
+    // original's compilation unit (so copies could not change types from
+    // different threads) and, in libtorch 1.13, never frees the copied
+    // submodules. The archive also keeps requires_grad and training flags.
+    std::ostringstream buffer;
+    m->module.save(buffer);
+    std::istringstream in(buffer.str());
+    Module copy = torch::jit::load(in);
     auto extra = m->extra_files ? std::make_shared<torch::jit::ExtraFilesMap>(*m->extra_files) : nullptr;
     *out = new cs_module{copy, extra};
   });
 }
 
+void cs_generator_state(cs_tensor** out) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  *out = new cs_tensor{gen.get_state()};
+}
+
+void cs_generator_set_state(cs_tensor* state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state->tensor);
+}
+
 int cs_module_submodule(cs_module* m, const char* path, cs_module** out, char** err) {
   return guard(err, [&] {
-    *out = new cs_module{convsplit::findSubmodule(m->module, path), nullptr};
+    *out = new cs_module{convsplit::findSubmodule(m->module, path), nullptr, m->submodule || *path != '\0'};
   });
 }
 

@@ -392,6 +392,10 @@ void replace(const Module& root, const std::vector<std::string>& paths, const st
 
 extern "C" int cs_module_replace(cs_module* root, const char** paths, cs_module** replacements, int n, char** err) {
   return guard(err, [&] {
+    // A submodule's parents may call it through methods compiled for its
+    // current type, which this handle cannot reach to rewrite.
+    TORCH_CHECK(!root->submodule,
+                "replace works on a model's root handle, not on a submodule; pass the full dotted paths to the model");
     std::vector<std::string> names;
     std::vector<Module> modules;
     for (int i = 0; i < n; ++i) {

@@ -97,14 +97,17 @@ int cs_module_trainable_parameters(cs_module* m, char** names, cs_tensor*** tens
   });
 }
 
-int cs_sgd_new(cs_tensor** params, int n, double lr, double momentum, double dampening,
+int cs_sgd_new(cs_tensor** params, const char** names, int n, double lr, double momentum, double dampening,
                double weight_decay, int nesterov, cs_sgd** out, char** err) {
   return guard(err, [&] {
     std::vector<at::Tensor> tensors;
     for (int i = 0; i < n; ++i) {
       const at::Tensor& t = params[i]->tensor;
-      TORCH_CHECK(t.is_leaf() && t.requires_grad(), "parameter ", i,
-                  " is not a leaf tensor that requires gradients");
+      TORCH_CHECK(t.requires_grad(), "parameter ", names[i], " does not require gradients");
+      // A parameter computed from another tensor (one with a grad_fn) gets
+      // no .grad of its own: its gradients flow to that tensor instead.
+      TORCH_CHECK(t.is_leaf(), "parameter ", names[i], " is not a leaf tensor: it was computed from ",
+                  "another tensor (its grad_fn is ", t.grad_fn()->name(), "), so it gets no gradient");
       tensors.push_back(t);
     }
     auto options = torch::optim::SGDOptions(lr)

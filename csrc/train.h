@@ -28,7 +28,8 @@ int cs_module_forward_train(cs_module* m, cs_tensor** inputs, int n_inputs,
 int cs_module_trainable_parameters(cs_module* m, char** names, cs_tensor*** tensors, int* n,
                                    char** err);
 
-int cs_sgd_new(cs_tensor** params, int n, double lr, double momentum, double dampening,
+/* names label the parameters in error messages. */
+int cs_sgd_new(cs_tensor** params, const char** names, int n, double lr, double momentum, double dampening,
                double weight_decay, int nesterov, cs_sgd** out, char** err);
 void cs_sgd_free(cs_sgd* o);
 int cs_sgd_zero_grad(cs_sgd* o, char** err);

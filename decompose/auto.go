@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"time"
 
 	"github.com/convsplit/convsplit/torch"
@@ -18,10 +19,10 @@ const autoSource = "auto decomposition"
 
 // AutoOptions configures Auto. The zero value is ready to use.
 type AutoOptions struct {
-	// Logger receives a Debug record per layer (decomposed or left
-	// unchanged, with the reason) and a Warn record per layer whose rank
-	// estimate is 0 or whose dtype is not supported. Nil means
-	// slog.Default().
+	// Logger receives a Debug record per layer, decomposed or left
+	// unchanged with the reason. Warn records name the layers whose rank
+	// estimate is 0 and those left unchanged because their dtype is not
+	// supported or their geometry cannot be read. Nil means slog.Default().
 	Logger *slog.Logger
 	// Progress, when not nil, is called after each layer is decomposed with
 	// the number of layers done, the number of layers to decompose and the
@@ -56,15 +57,16 @@ func (l *autoLayer) close() {
 }
 
 // Auto decomposes every eligible Conv2d of the model as AMCT's
-// auto_decomposition does: it replaces the layer by a Sequential of two
-// Conv2d layers whose weights are a low-rank factorization of the trained
-// weight, and returns the model, the changes in file order and the
-// information that AMCT would write (Info.WriteFile writes it in AMCT's
-// layout).
+// auto_decomposition does. It replaces each such layer by a Sequential of
+// two Conv2d layers whose weights are a low-rank factorization of the trained
+// weight. It returns the model, the changes in file order and the
+// information that AMCT would write, which Info.WriteFile writes in AMCT's
+// layout.
 //
 // ChooseMode decides which layers are eligible and their modes. Layers
-// whose weight dtype is not float16, float32 or float64 are left unchanged
-// with a warning. Each weight is unfolded into an L x M matrix A (see
+// whose weight dtype is not float16, float32 or float64, and traced layers
+// whose geometry torch.Module.Conv2d cannot read, are left unchanged with a
+// warning. Each weight is unfolded into an L x M matrix A (see
 // torch.ConvLowRank) and its rank is RoundRank(EstimateRank(s, L, M), L,
 // min(C_in, C_out)) from the singular values s. The layer on the split
 // channel's side gets the leading singular vectors U_r, the other the
@@ -118,9 +120,12 @@ func Auto(model *torch.Module, opts AutoOptions) (*torch.Module, Changes, *Info,
 		return nil, nil, nil, err
 	}
 	if err := setFactors(result, layers); err != nil {
-		// NOTE: the model is already restructured here, with the default
-		// weights in the layers not yet set. Setting a parameter of a new
-		// module fails only when libtorch rejects the tensor.
+		if !result.SameObject(model) {
+			result.Close()
+		}
+		// NOTE: the model is already restructured here, and the layers not
+		// yet set keep their default weights. The factors have the shapes
+		// and dtypes of the new layers, so this path has not been seen to run.
 		return nil, nil, nil, err
 	}
 	return result, changes, info, nil
@@ -174,7 +179,10 @@ func autoCandidate(model *torch.Module, name string, logger *slog.Logger) (autoL
 	defer sub.Close()
 	conv, err := sub.Conv2d()
 	if err != nil {
-		return autoLayer{}, false, fmt.Errorf("%w: %w", ErrUnsupportedLayer, err)
+		// A traced layer whose forward graph has a form the binding does not
+		// recognize has no geometry to decompose with.
+		logger.Warn("layer left unchanged: geometry not readable", "layer", name, "error", err)
+		return autoLayer{}, false, nil
 	}
 
 	mode, ok, reason := ChooseMode(conv.InChannels, conv.OutChannels, conv.KernelSize, conv.Stride, conv.Dilation, conv.Groups)
@@ -250,7 +258,7 @@ func factorLayer(layers []autoLayer, i int, logger *slog.Logger) error {
 		return fmt.Errorf("layer %s: %w", displayName(l.name), err)
 	}
 	logger.Debug("decomposed layer", "layer", l.name, "mode", l.mode, "L", l.rows, "M", l.cols,
-		"estimate", l.estimate, "rank", l.rank, "seconds", time.Since(start).Seconds())
+		"estimate", l.estimate, "rank", l.rank, "seconds", math.Round(time.Since(start).Seconds()*1000)/1000)
 	return nil
 }
 

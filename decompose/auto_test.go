@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -19,8 +20,8 @@ import (
 	"github.com/convsplit/convsplit/torch"
 )
 
-// largeEnv enables the tests on resnet50, whose Auto takes seconds and whose
-// fixture takes a while to generate.
+// largeEnv enables the tests and benchmarks on resnet50 and vgg16, whose
+// fixtures take a while to generate (vgg16's TorchScript file is 528 MB).
 const largeEnv = "CONVSPLIT_LARGE"
 
 // quietLogger discards Auto's records, which tests that do not check them
@@ -96,11 +97,15 @@ func TestAutoMatchesAMCT(t *testing.T) {
 	}
 }
 
-func TestAutoMatchesAMCTResnet50(t *testing.T) {
+func TestAutoMatchesAMCTLarge(t *testing.T) {
 	if os.Getenv(largeEnv) != "1" {
-		t.Skipf("set %s=1 to run Auto on resnet50", largeEnv)
+		t.Skipf("set %s=1 to run Auto on resnet50 and vgg16", largeEnv)
 	}
-	checkAutoMatchesAMCT(t, "resnet50", "resnet50")
+	for _, name := range []string{"resnet50", "vgg16"} {
+		t.Run(name, func(t *testing.T) {
+			checkAutoMatchesAMCT(t, name, name)
+		})
+	}
 }
 
 // compareWithAMCT is Python that compares the restructured model in argv[2]
@@ -143,7 +148,8 @@ io = torch.load(os.path.join(amct_dir, name, 'io.pt'))
 with torch.no_grad():
     output = ours(io['input'])
 print(json.dumps({'errors': errors, 'biases': biases,
-                  'output_diff': (output - io['output']).abs().max().item()}))
+                  'output_diff': (output - io['output']).abs().max().item(),
+                  'output_max': io['output'].abs().max().item()}))
 `
 
 func TestAutoWeightsMatchAMCT(t *testing.T) {
@@ -158,6 +164,7 @@ func TestAutoWeightsMatchAMCT(t *testing.T) {
 				Errors     map[string][2]float64 `json:"errors"`
 				Biases     map[string]bool       `json:"biases"`
 				OutputDiff float64               `json:"output_diff"`
+				OutputMax  float64               `json:"output_max"`
 			}
 			out := testutil.PythonCode(t, compareWithAMCT, name, saved, testutil.AMCT())
 			require.NoError(t, json.Unmarshal([]byte(out), &report), out)
@@ -169,7 +176,11 @@ func TestAutoWeightsMatchAMCT(t *testing.T) {
 			for layer, equal := range report.Biases {
 				assert.True(t, equal, "%s: the last layer's bias equals the original", layer)
 			}
-			assert.LessOrEqual(t, report.OutputDiff, 1e-4, "largest output difference from AMCT's model")
+			// lowrank's planted weights are not scaled by their fan-in, so its
+			// outputs reach 1e7 and float32 rounding alone differs by more than
+			// 1e-4. The tolerance is relative to the largest output above 1.
+			tolerance := 1e-4 * max(1, report.OutputMax)
+			assert.LessOrEqual(t, report.OutputDiff, tolerance, "largest output difference from AMCT's model (largest output %g)", report.OutputMax)
 		})
 	}
 }
@@ -256,8 +267,8 @@ import sys, torch, torch.nn as nn
 class DTypes(nn.Module):
     def __init__(self):
         super().__init__()
-        self.half = nn.Conv2d(64, 64, 3, padding=1).half()
-        self.double = nn.Conv2d(64, 96, 3, padding=1).double()
+        self.f16 = nn.Conv2d(64, 64, 3, padding=1).half()
+        self.f64 = nn.Conv2d(64, 96, 3, padding=1).double()
         self.cl = nn.Conv2d(96, 64, (5, 3), padding=(2, 1)).to(memory_format=torch.channels_last)
         self.bf16 = nn.Conv2d(64, 64, 3, padding=1).bfloat16()
         self.frozen = nn.Conv2d(64, 64, 3, padding=1)
@@ -267,18 +278,19 @@ class DTypes(nn.Module):
         self.shared_b.bias = self.shared_a.bias
 
     def forward(self, x):
-        y = torch.cat([self.half(x.half()).float(), self.double(x.double()).float()[:, :32]], 1)
-        y = self.cl(y) + self.bf16(x.bfloat16()).float()
+        y = torch.cat([self.f16(x.half()).float(), self.f64(x.double()).float()[:, :32]], 1)
+        y = self.cl(y) + self.bf16(x.to(torch.bfloat16)).float()
         return self.shared_b(self.shared_a(self.frozen(y)))
 
 torch.manual_seed(1)
 torch.jit.script(DTypes().eval()).save(sys.argv[1])
 `
 
-// optimalErrors is Python that prints, for each layer named in the JSON
-// object argv[3] (layer to mode), the relative reconstruction error of the
-// pair in the model argv[2] and the optimal rank-r error from an SVD of the
-// original weight in the model argv[1].
+// optimalErrors is Python that compares pairs with the optimal rank-r
+// approximation. For each layer of the JSON object argv[3] (layer to mode),
+// it prints the relative reconstruction error of the pair in the model
+// argv[2] and the optimal error from an SVD of the original weight in the
+// model argv[1].
 const optimalErrors = `
 import json, sys, torch
 original = torch.jit.load(sys.argv[1])
@@ -307,10 +319,21 @@ for layer, mode in modes.items():
 print(json.dumps(result))
 `
 
+// runPythonFile runs Python source from a file, because torch.jit.script
+// reads the source of the classes it compiles, which code run with -c lacks.
+func runPythonFile(t *testing.T, code string, args ...string) {
+	t.Helper()
+	testutil.RequirePython(t)
+	script := filepath.Join(t.TempDir(), "script.py")
+	require.NoError(t, os.WriteFile(script, []byte(code), 0o644))
+	out, err := exec.Command(testutil.Python, append([]string{script}, args...)...).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+}
+
 func TestAutoDTypesAndSharing(t *testing.T) {
 	dir := t.TempDir()
 	original := filepath.Join(dir, "dtypes.pt")
-	testutil.PythonCode(t, dtypeModel, original)
+	runPythonFile(t, dtypeModel, original)
 	model := loadModel(t, original)
 	sharedBias := parameter(t, model, "shared_a.bias")
 
@@ -325,7 +348,7 @@ func TestAutoDTypesAndSharing(t *testing.T) {
 		decomposed = append(decomposed, e.Layer.Name)
 		modes[e.Layer.Name] = e.Mode
 	}
-	assert.Equal(t, []string{"half", "double", "cl", "frozen", "shared_a", "shared_b"}, decomposed, "bf16 is left unchanged")
+	assert.Equal(t, []string{"f16", "f64", "cl", "frozen", "shared_a", "shared_b"}, decomposed, "bf16 is left unchanged")
 	assert.Len(t, changes, 6)
 	assert.Equal(t, decompose.FCSK, modes["cl"])
 	assert.Contains(t, logs.String(), `"level":"WARN","msg":"layer left unchanged: weight dtype not supported, want float16, float32 or float64","layer":"bf16"`)
@@ -336,11 +359,11 @@ func TestAutoDTypesAndSharing(t *testing.T) {
 		channelsLast bool
 		requiresGrad bool
 	}{
-		{"half.0.weight", torch.Float16, false, true},
-		{"half.1.weight", torch.Float16, false, true},
-		{"half.1.bias", torch.Float16, false, true},
-		{"double.0.weight", torch.Float64, false, true},
-		{"double.1.weight", torch.Float64, false, true},
+		{"f16.0.weight", torch.Float16, false, true},
+		{"f16.1.weight", torch.Float16, false, true},
+		{"f16.1.bias", torch.Float16, false, true},
+		{"f64.0.weight", torch.Float64, false, true},
+		{"f64.1.weight", torch.Float64, false, true},
 		{"cl.0.weight", torch.Float32, true, true},
 		{"cl.1.weight", torch.Float32, true, true},
 		{"frozen.0.weight", torch.Float32, false, false},
@@ -372,7 +395,7 @@ func TestAutoDTypesAndSharing(t *testing.T) {
 	for layer, e := range errorsByLayer {
 		// float16 factors round to 11 bits.
 		delta := 1e-6
-		if layer == "half" {
+		if layer == "f16" {
 			delta = 2e-3
 		}
 		assert.InDelta(t, e[1], e[0], delta, "%s: reconstruction error against the optimal rank-r error", layer)
@@ -457,7 +480,7 @@ func TestAutoProgressAndLog(t *testing.T) {
 	require.NotNil(t, tall.Seconds, "seconds")
 	assert.Len(t, decomposed, 6)
 	assert.Equal(t, map[string]string{
-		"stem":    "smaller channel count 3 is below 64 while the smaller kernel side 3 is below 7",
+		"stem":    "smaller kernel side x smaller channel count is 3 x 3, below 16",
 		"heads.a": "smaller kernel side 1 is below 3",
 		"heads.b": "groups is 2 (only 1 is decomposed)",
 	}, unchanged)

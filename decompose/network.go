@@ -26,7 +26,8 @@ type Change struct {
 type Changes []Change
 
 // MarshalJSON writes the changes as AMCT's decompose_network returns them:
-// one JSON object from each old name to the list of new names, in order.
+// one JSON object from each old name to the list of new names, in order,
+// laid out as Python's json.dumps writes that dict.
 func (c Changes) MarshalJSON() ([]byte, error) {
 	var b bytes.Buffer
 	b.WriteByte('{')
@@ -38,13 +39,19 @@ func (c Changes) MarshalJSON() ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		names, err := json.Marshal(change.NewLayers[:])
-		if err != nil {
-			return nil, err
-		}
 		b.Write(key)
-		b.WriteString(": ")
-		b.Write(names)
+		b.WriteString(": [")
+		for j, name := range change.NewLayers {
+			if j > 0 {
+				b.WriteString(", ")
+			}
+			quoted, err := json.Marshal(name)
+			if err != nil {
+				return nil, err
+			}
+			b.Write(quoted)
+		}
+		b.WriteByte(']')
 	}
 	b.WriteByte('}')
 	return b.Bytes(), nil
@@ -84,6 +91,17 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 		return nil, nil, err
 	}
 
+	// The draws below advance torch's generator; a failure after them puts
+	// it back, so that a failed call leaves no trace at all.
+	generator := torch.SaveGeneratorState()
+	defer generator.Close()
+	succeeded := false
+	defer func() {
+		if !succeeded {
+			generator.Restore()
+		}
+	}()
+
 	builder, err := torch.NewBuilder(model)
 	if err != nil {
 		return nil, nil, err
@@ -103,6 +121,7 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 
 	if len(layers) == 1 && layers[0].entry.Layer.Name == "" {
 		slog.Debug("decomposed the model itself", "source", source)
+		succeeded = true
 		return replacements[0], changes, nil
 	}
 	defer closeAll(replacements)
@@ -112,6 +131,7 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 		return nil, nil, fmt.Errorf("%s: %w: %w", source, ErrUnsupportedLayer, err)
 	}
 	slog.Debug("decomposed layers", "source", source, "count", len(layers))
+	succeeded = true
 	return model, changes, nil
 }
 

@@ -18,10 +18,11 @@ Broken files that torch.jit.load must reject:
   bad_code.pt           small.pt with a syntax error in code/__torch__.py
   bad_types.pt          small.pt whose forward calls a method that does not exist
   no_constants.pt       small.pt without its constants.pkl record
-  bad_crc.pt            small.pt with one byte of a tensor record flipped, so that
-                        the record no longer matches its CRC-32
   state_dict.pt         torch.save of small's state_dict: a zip archive with no code
-Loadable but inconsistent:
+Broken files that torch.jit.load of torch 1.13 accepts:
+  bad_crc.pt            small.pt with one byte of a tensor record flipped, so that
+                        the record no longer matches its CRC-32; it loads with a
+                        wrong conv.weight
   wrong_constants.pt    small.pt whose `conv` type declares in_channels = 4 while its
                         weight has 8 input channels; forward still runs, because it
                         reads only the weight
@@ -33,9 +34,6 @@ import zipfile
 
 import torch
 import torch.nn as nn
-
-INPUT_SHAPE = (1, 8, 8, 8)
-
 
 class Small(nn.Module):
     """A Conv2d, a Linear and a Sequential holding a Conv2d."""
@@ -103,8 +101,9 @@ def rewrite_archive(source, out_dir, name, edit):
 def flip_tensor_byte(source, out_dir, name):
     """Copy source to OUTDIR/NAME with one byte of its first tensor record inverted.
 
-    The zip headers still hold the old CRC-32, so a reader that checks it finds
-    the record corrupt; one that does not reads a wrong weight.
+    The zip headers keep the old CRC-32, so a reader that checks it finds the
+    record corrupt. torch.jit.load of torch 1.13 does not check it and reads a
+    wrong weight.
     """
     with zipfile.ZipFile(source) as z:
         record = next(r for r in z.infolist() if '/data/' in r.filename and r.file_size > 0)

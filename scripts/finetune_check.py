@@ -9,7 +9,7 @@ NAME is a model of testdata/amct (mixed, lowrank, shared_weight, ...). The check
               gradients, with the keys of AMCT's decomposed eager model in its state_dict()
               order, and that model's load_state_dict(strict=True) accepts it
   --same-as   every tensor of STATE.pt equals the one of REF.pt (values, dtype, shape)
-  --io        IO.pt holds {'input': x, 'output': y} written by Go; the eager model with
+  --io        IO.pt contains {'input': x, 'output': y} written by Go; the eager model with
               STATE.pt loaded gives y for x in eval mode
   --script    the TorchScript file MODEL.pt gives y for x too (needs --io)
 Outputs agree when max|got - y| <= 1e-4 + 1e-6 * max|y|; the relative part matters for

@@ -3,10 +3,10 @@
 
 Usage: /usr/bin/python3 scripts/torch_test_models.py OUTDIR FIXTUREDIR
 
-Writes OUTDIR/NAME.pt for every model of MODELS and every Conv2d case of CONV_CASES (scripted as
-conv_CASE.pt, traced as conv_CASE_traced.pt), then OUTDIR/reference.json with what Python's torch
-reports about them and about the zoo fixtures mixed, mixed_traced, resnet18 and resnet18_traced,
-which must already be in FIXTUREDIR:
+Writes OUTDIR/NAME.pt for every model of build_models() and every Conv2d case of CONV_CASES
+(scripted as conv_CASE.pt, traced as conv_CASE_traced.pt). Then it writes OUTDIR/reference.json
+with what Python's torch reports about those models and about the zoo fixtures mixed,
+mixed_traced, resnet18 and resnet18_traced, which must already be in FIXTUREDIR:
 
   modules     name -> [{name, class}] from named_modules() and original_name
   state_dict  name -> [{name, shape, dtype, parameter}] in state_dict() order
@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import types
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,29 @@ class TwoOutputs(nn.Module):
         return y, torch.relu(y)
 
 
+class ReturnsList(nn.Module):
+    """A model whose forward returns a list of tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x) -> List[torch.Tensor]:
+        y = self.conv(x)
+        return [y, y * 2, torch.relu(y)]
+
+
+class ReturnsDict(nn.Module):
+    """A model whose forward returns a dict, which Module.Forward does not support."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x) -> Dict[str, torch.Tensor]:
+        return {'y': self.conv(x)}
+
+
 class ReadsWeight(nn.Module):
     """A parent whose forward reads self.conv.weight, so conv cannot be replaced."""
 
@@ -60,8 +84,46 @@ class ReadsWeight(nn.Module):
         return self.other(self.conv(x) * self.conv.weight.mean())
 
 
+class ExportReadsWeight(nn.Module):
+    """A model whose forward only calls conv but whose exported method reads self.conv.weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+    @torch.jit.export
+    def weight_mean(self):
+        return self.conv.weight.mean()
+
+
+class Branches(nn.Module):
+    """A model that calls its layers inside an if, inside a loop and from an exported method."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.seq = nn.Sequential(nn.Conv2d(4, 4, 1))
+
+    def forward(self, x):
+        if bool(x.sum() > 0):
+            x = self.a(x)
+        else:
+            x = self.b(x)
+        for _ in range(2):
+            x = self.seq(x)
+        return self.b(x)
+
+    @torch.jit.export
+    def first(self, x):
+        return self.a(x)
+
+
 class Twice(nn.Module):
-    """A model that calls one Conv2d twice; traced, the layer gets forward and forward1."""
+    """A model that calls one Conv2d twice, so the traced layer gets forward and forward1."""
 
     def __init__(self):
         super().__init__()
@@ -256,7 +318,7 @@ def describe_state_dict(module):
 def describe_forward(module, shape):
     with torch.no_grad():
         result = module(test_input(shape))
-    outputs = result if isinstance(result, tuple) else (result,)
+    outputs = result if isinstance(result, (tuple, list)) else (result,)
     return {'input_shape': list(shape),
             'outputs': [{'shape': list(t.shape), 'values': t.flatten().tolist()} for t in outputs]}
 
@@ -273,7 +335,11 @@ def build_models():
 
     return {
         'two_outputs': (torch.jit.script(TwoOutputs().eval()), None),
+        'returns_list': (torch.jit.script(ReturnsList().eval()), None),
+        'returns_dict': (torch.jit.script(ReturnsDict().eval()), None),
         'reads_weight': (torch.jit.script(ReadsWeight().eval()), None),
+        'export_reads_weight': (torch.jit.script(ExportReadsWeight().eval()), None),
+        'branches': (torch.jit.script(Branches().eval()), None),
         'twice_traced': (twice, None),
         'interface': (torch.jit.script(ThroughInterface().eval()), None),
         'with_extras': (torch.jit.script(extras), EXTRA_FILES),
@@ -320,8 +386,8 @@ def main(argv):
         torch.jit.save(module, os.path.join(out_dir, name + '.pt'), _extra_files=extra_files or {})
         reference['modules'][name] = describe_modules(module)
         reference['state_dict'][name] = describe_state_dict(module)
-    reference['forward']['two_outputs'] = describe_forward(
-        torch.jit.load(os.path.join(out_dir, 'two_outputs.pt')), (1, 3, 8, 8))
+    for name in ('two_outputs', 'returns_list'):
+        reference['forward'][name] = describe_forward(torch.jit.load(os.path.join(out_dir, name + '.pt')), (1, 3, 8, 8))
 
     write_conv_cases(out_dir, reference)
 

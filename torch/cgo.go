@@ -11,6 +11,7 @@ import "C"
 import (
 	"encoding/json"
 	"fmt"
+	"runtime"
 	"unsafe"
 )
 
@@ -52,3 +53,25 @@ func cStrings(values []string) (ptrs []*C.char, free func()) {
 func ManualSeed(seed uint64) {
 	C.cs_manual_seed(C.uint64_t(seed))
 }
+
+// GeneratorState is a saved state of libtorch's default CPU generator.
+type GeneratorState struct {
+	state *Tensor
+}
+
+// SaveGeneratorState returns the default CPU generator's state, so that a
+// call that draws random numbers and then fails can undo its draws.
+func SaveGeneratorState() *GeneratorState {
+	var out *C.cs_tensor
+	C.cs_generator_state(&out)
+	return &GeneratorState{state: newTensor(out)}
+}
+
+// Restore puts the generator back into the saved state.
+func (g *GeneratorState) Restore() {
+	defer runtime.KeepAlive(g)
+	C.cs_generator_set_state(g.state.ptr)
+}
+
+// Close releases the saved state.
+func (g *GeneratorState) Close() { g.state.Close() }

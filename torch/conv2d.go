@@ -186,7 +186,9 @@ func cBool(v bool) C.int {
 // that reads the layer's attributes or passes the layer along is rejected.
 // Modules between the root and a layer whose class type is shared with
 // other modules get a new object of a new type; the root object stays the
-// same.
+// same. Replace must be called on a model's root handle: a handle from
+// Submodule is rejected, because its parents' methods would still expect
+// the old types.
 func (m *Module) Replace(paths []string, replacements []*Module) error {
 	if err := m.check("replace"); err != nil {
 		return err

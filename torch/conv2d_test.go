@@ -174,7 +174,7 @@ func TestConv2dBiasPair(t *testing.T) {
 	}
 }
 
-// baseSpec is a small float32 Conv2d; tests change a copy.
+// baseSpec returns a small float32 Conv2d spec, which tests change.
 func baseSpec() torch.Conv2dSpec {
 	return torch.Conv2dSpec{
 		InChannels: 4, OutChannels: 6, Groups: 1,
@@ -337,10 +337,42 @@ func TestBuilderConv2dStorage(t *testing.T) {
 	}
 }
 
+func TestBuilderConv2dPaddingString(t *testing.T) {
+	b := newBuilder(t, loadModel(t, "mixed"))
+	tests := []struct {
+		name          string
+		paddingString string
+		paddingMode   string
+		kernel        [2]int
+		stride        [2]int
+		wantShape     []int64 // output shape for a 1x4x7x9 input
+	}{
+		{name: "same 3x3", paddingString: "same", kernel: [2]int{3, 3}, stride: [2]int{1, 1}, wantShape: []int64{1, 6, 7, 9}},
+		{name: "same even kernel", paddingString: "same", kernel: [2]int{2, 4}, stride: [2]int{1, 1}, wantShape: []int64{1, 6, 7, 9}},
+		{name: "same replicate", paddingString: "same", paddingMode: "replicate", kernel: [2]int{4, 1}, stride: [2]int{1, 1}, wantShape: []int64{1, 6, 7, 9}},
+		{name: "valid strided", paddingString: "valid", kernel: [2]int{3, 5}, stride: [2]int{2, 1}, wantShape: []int64{1, 6, 3, 5}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			spec := baseSpec()
+			spec.PaddingString, spec.PaddingMode, spec.KernelSize, spec.Stride = tt.paddingString, tt.paddingMode, tt.kernel, tt.stride
+			conv := buildConv(t, b, spec)
+			g, err := conv.Conv2d()
+			require.NoError(t, err)
+			assert.Equal(t, tt.paddingString, g.PaddingString)
+			assert.Equal(t, [2]int{0, 0}, g.Padding)
+			outputs, err := conv.Forward(testTensor(t, 1, 4, 7, 9))
+			require.NoError(t, err)
+			assert.Equal(t, tt.wantShape, outputs[0].Shape())
+			outputs[0].Close()
+		})
+	}
+}
+
 // seededCase builds Conv2d layers in order after one seed.
 type seededCase struct {
-	Name  string            `json:"name"`
-	Seed  uint64            `json:"seed"`
+	Name  string             `json:"name"`
+	Seed  uint64             `json:"seed"`
 	Specs []torch.Conv2dSpec `json:"specs"`
 }
 
@@ -359,7 +391,8 @@ for case in json.loads(sys.argv[1]):
     layers = []
     for s in case['specs']:
         conv = torch.nn.Conv2d(s['InChannels'], s['OutChannels'], tuple(s['KernelSize']), stride=tuple(s['Stride']),
-                               padding=tuple(s['Padding']), dilation=tuple(s['Dilation']), groups=s['Groups'],
+                               padding=s['PaddingString'] or tuple(s['Padding']), dilation=tuple(s['Dilation']),
+                               groups=s['Groups'],
                                bias=s['Bias'], padding_mode=s['PaddingMode'] or 'zeros')
         dtype = dtypes[s['DType']]
         layer = {'weight': raw(conv.weight.to(dtype)), 'bias': raw(conv.bias.to(dtype)) if s['Bias'] else '', 'output': []}
@@ -396,6 +429,15 @@ func TestBuilderConv2dSeededMatchesPython(t *testing.T) {
 		})}},
 		{Name: "stride dilation groups", Seed: 4, Specs: []torch.Conv2dSpec{spec(func(s *torch.Conv2dSpec) {
 			s.Stride, s.Dilation, s.Groups, s.Padding = [2]int{2, 1}, [2]int{1, 2}, 2, [2]int{0, 2}
+		})}},
+		{Name: "same even kernel", Seed: 9, Specs: []torch.Conv2dSpec{spec(func(s *torch.Conv2dSpec) {
+			s.PaddingString, s.KernelSize, s.Dilation = "same", [2]int{2, 4}, [2]int{1, 2}
+		})}},
+		{Name: "same reflect", Seed: 10, Specs: []torch.Conv2dSpec{spec(func(s *torch.Conv2dSpec) {
+			s.PaddingString, s.PaddingMode, s.KernelSize = "same", "reflect", [2]int{4, 3}
+		})}},
+		{Name: "valid strided", Seed: 11, Specs: []torch.Conv2dSpec{spec(func(s *torch.Conv2dSpec) {
+			s.PaddingString, s.Stride, s.PaddingMode = "valid", [2]int{2, 2}, "circular"
 		})}},
 		{Name: "float64", Seed: 5, Specs: []torch.Conv2dSpec{spec(func(s *torch.Conv2dSpec) { s.DType = torch.Float64 })}},
 		{Name: "float16", Seed: 6, Specs: []torch.Conv2dSpec{spec(func(s *torch.Conv2dSpec) { s.DType = torch.Float16 })}},
@@ -466,6 +508,8 @@ func TestBuilderConv2dErrors(t *testing.T) {
 		{name: "zero dilation", change: func(s *torch.Conv2dSpec) { s.Dilation = [2]int{1, 0} }, want: "dilation"},
 		{name: "negative padding", change: func(s *torch.Conv2dSpec) { s.Padding = [2]int{-1, 1} }, want: "padding"},
 		{name: "unknown padding mode", change: func(s *torch.Conv2dSpec) { s.PaddingMode = "constant" }, want: "constant"},
+		{name: "unknown padding string", change: func(s *torch.Conv2dSpec) { s.PaddingString = "full" }, want: "full"},
+		{name: "same with stride", change: func(s *torch.Conv2dSpec) { s.PaddingString, s.Stride = "same", [2]int{1, 2} }, want: "stride"},
 		{name: "integer dtype", change: func(s *torch.Conv2dSpec) { s.DType = torch.Int64 }, want: "dtype"},
 		{name: "invalid dtype", change: func(s *torch.Conv2dSpec) { s.DType = torch.DType(99) }, want: "dtype"},
 	}

@@ -9,7 +9,7 @@ import (
 	"github.com/convsplit/convsplit/torch"
 )
 
-// mixedPath is the zoo model Mixed, scripted; TestMain makes it.
+// mixedPath is the scripted zoo model Mixed, which TestMain makes.
 var mixedPath = filepath.Join(testutil.FixtureDir(), "mixed.pt")
 
 func ExampleLoad() {

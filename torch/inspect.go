@@ -22,7 +22,7 @@ type Conv2dShapes struct {
 	// Name is the layer's dotted path; "" when the model itself is the Conv2d.
 	Name string `json:"name"`
 	// Probed is false when the layer could not be wrapped for recording,
-	// for example because its parent reads its weight; Reason then says why.
+	// for example because its parent reads its weight; Reason then gives the cause.
 	Probed bool   `json:"probed"`
 	Reason string `json:"reason"`
 	// Calls lists the layer's calls in order. It is empty for a layer that
@@ -46,9 +46,10 @@ type Conv2dProbe struct {
 //
 // The pass runs in eval mode without gradients on a copy of the model that
 // has its own class types but shares the parameter tensors, so the model
-// itself keeps its structure, training flag and parameters. Each call
-// compiles a few small TorchScript types into the model's compilation unit,
-// which keeps them (and the copy's types) until the model is released.
+// itself keeps its structure, training flag and parameters. The copy's
+// class types stay registered in the model's compilation unit until the
+// model is released, but their methods are removed after the pass, so
+// repeated calls keep only a few kilobytes each.
 func (m *Module) ProbeConv2dShapes(inputShape ...int64) (Conv2dProbe, error) {
 	var out Conv2dProbe
 	if err := m.check("probe conv2d shapes"); err != nil {

@@ -12,40 +12,36 @@ import (
 	"github.com/convsplit/convsplit/torch"
 )
 
-// pythonConvCalls records, with forward hooks on the eager model of
+// pythonConvCalls records, with forward hooks on the eager models of
 // zoo_models.py, the input and output sizes of every Conv2d call, by layer
-// name in named_modules() order.
+// name in named_modules() order. Its arguments are pairs of a model name and
+// input sizes such as 1x3x32x32; it prints one list per pair, keyed by
+// "NAME SIZES".
 const pythonConvCalls = `
 import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import zoo_models
-model = zoo_models.build(sys.argv[2]).eval()
-shape = [int(s) for s in sys.argv[3].split('x')]
-layers = []
-for name, module in model.named_modules():
-    if isinstance(module, torch.nn.Conv2d):
-        record = {'name': name, 'calls': []}
-        layers.append(record)
-        module.register_forward_hook(
-            lambda m, args, out, record=record: record['calls'].append(
-                {'input': list(args[0].shape), 'output': list(out.shape)}))
-with torch.no_grad():
-    model(torch.zeros(shape))
-print(json.dumps(layers))
+result = {}
+for name, sizes in zip(sys.argv[2::2], sys.argv[3::2]):
+    model = zoo_models.build(name).eval()
+    layers = []
+    for layer_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            record = {'name': layer_name, 'calls': []}
+            layers.append(record)
+            module.register_forward_hook(
+                lambda m, args, out, record=record: record['calls'].append(
+                    {'input': list(args[0].shape), 'output': list(out.shape)}))
+    with torch.no_grad():
+        model(torch.zeros([int(s) for s in sizes.split('x')]))
+    result[name + ' ' + sizes] = layers
+print(json.dumps(result))
 `
 
 type pythonLayer struct {
 	Name  string             `json:"name"`
 	Calls []torch.Conv2dCall `json:"calls"`
-}
-
-func pythonCalls(t *testing.T, model, shape string) []pythonLayer {
-	t.Helper()
-	out := testutil.PythonCode(t, pythonConvCalls, testutil.AMCT(), model, shape)
-	var layers []pythonLayer
-	require.NoError(t, json.Unmarshal([]byte(out), &layers))
-	return layers
 }
 
 func TestProbeConv2dShapesMatchesPython(t *testing.T) {
@@ -59,9 +55,17 @@ func TestProbeConv2dShapesMatchesPython(t *testing.T) {
 		{"resnet18", "resnet18", []int64{1, 3, 64, 64}, "1x3x64x64"},
 		{"root_conv", "root_conv", []int64{1, 64, 9, 7}, "1x64x9x7"},
 	}
+	args := []string{testutil.AMCT()}
+	for _, tc := range cases {
+		args = append(args, tc.model, tc.shapeText)
+	}
+	var python map[string][]pythonLayer
+	require.NoError(t, json.Unmarshal([]byte(testutil.PythonCode(t, pythonConvCalls, args...)), &python))
+
 	for _, tc := range cases {
 		t.Run(tc.fixture, func(t *testing.T) {
-			want := pythonCalls(t, tc.model, tc.shapeText)
+			want := python[tc.model+" "+tc.shapeText]
+			require.NotEmpty(t, want)
 			model, err := torch.Load(testutil.Fixture(t, tc.fixture))
 			require.NoError(t, err)
 			defer model.Close()
@@ -97,7 +101,7 @@ func TestProbeConv2dShapesLeavesModel(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, training, "the model's training flag changed")
 
-	// A second probe sees the original layers again, not the first probe's.
+	// A second probe finds the original layers again, not the first probe's.
 	probe, err := model.ProbeConv2dShapes(1, 3, 8, 8)
 	require.NoError(t, err)
 	require.NotEmpty(t, probe.Layers)

@@ -14,8 +14,8 @@ import (
 )
 
 // ConvLowRank is the singular value decomposition of a Conv2d weight
-// (C_out, C_in, kh, kw) unfolded into an L x M matrix A, from which it makes
-// the weights of two Conv2d layers that together apply a rank-r
+// (C_out, C_in, kh, kw) unfolded into an L x M matrix A. From it, Factors
+// makes the weights of two Conv2d layers that together apply a rank-r
 // approximation of the original layer.
 //
 // The rows of A index (split channel, split kernel axis) and its columns
@@ -28,7 +28,7 @@ import (
 // computes all L eigenvectors. Eigenvalues below the rounding level of the
 // largest one are recomputed with an SVD.
 //
-// A ConvLowRank holds A and L x L vectors in float64, so it takes about
+// A ConvLowRank stores A and an L x L matrix in float64, so it takes about
 // 8 (L M + L L) bytes: Close it as soon as the factors are made. It may be
 // used by one goroutine at a time.
 type ConvLowRank struct {
@@ -124,9 +124,9 @@ func (f *ConvLowRank) SingularValues() ([]float64, error) {
 // factorization, 1 <= rank <= L, in the order they are applied.
 //
 // The layer on the split channel's side (first when the input channels are
-// split, last when the output channels are) holds U_r, the rank leading left
+// split, last when the output channels are) stores U_r, the rank leading left
 // singular vectors, with its kernel along the split kernel axis. The other
-// holds the projection U_r^T A. Together they apply U_r U_r^T A, the best
+// stores the projection U_r^T A. Together they apply U_r U_r^T A, the best
 // rank-r approximation of A. Shapes are (rank, C_in, kh, 1) or
 // (rank, C_in, 1, kw) for first, and (C_out, rank, 1, kw) or
 // (C_out, rank, kh, 1) for last. Both weights have the original weight's

@@ -120,8 +120,11 @@ func syncFile(path string) error {
 	return f.Close()
 }
 
-// Clone returns a deep copy of the module with its own class types, so that
-// replacing layers in the copy leaves the original as it is.
+// Clone returns a deep copy of the module with its own compilation unit and
+// class types, so that replacing layers in the copy leaves the original as
+// it is and the two may be used from different goroutines. The copy is made
+// by saving to memory and loading, so its class names may be mangled
+// differently; parameters keep their values and requires_grad flags.
 func (m *Module) Clone() (*Module, error) {
 	if err := m.check("clone"); err != nil {
 		return nil, err
@@ -277,6 +280,9 @@ func (m *Module) Parameter(name string) (*Tensor, error) {
 func (m *Module) SetParameter(name string, t *Tensor) error {
 	if err := m.check("set parameter"); err != nil {
 		return err
+	}
+	if t == nil || t.ptr == nil {
+		return fmt.Errorf("set parameter %s: %w", name, ErrClosed)
 	}
 	defer runtime.KeepAlive(m)
 	defer runtime.KeepAlive(t)

@@ -11,11 +11,11 @@ import (
 	"strconv"
 )
 
-// This file reads and writes the data.pkl record of a torch.save archive:
-// a Python pickle whose tensors are calls of torch._utils._rebuild_tensor_v2
-// on storages that the pickle names through persistent ids
-// ('storage', torch.FloatStorage, KEY, LOCATION, NUMEL), their bytes being
-// the archive's record data/KEY. The reader understands the opcodes Python's
+// This file reads and writes the data.pkl record of a torch.save archive.
+// That record is a Python pickle whose tensors are calls of
+// torch._utils._rebuild_tensor_v2 on storages. The pickle names each storage
+// through a persistent id ('storage', torch.FloatStorage, KEY, LOCATION,
+// NUMEL), and the storage's bytes are the archive's record data/KEY. The reader understands the opcodes Python's
 // pickle writes for dicts, OrderedDicts, tuples, lists, numbers, strings and
 // tensors (protocols 2 to 5) and rejects any other class, so that no file can
 // make it build an object it does not know.
@@ -653,16 +653,16 @@ func rebuildTensor(argv pickleTuple) (*tensorRef, error) {
 	return &tensorRef{storage: storage, offset: offset, size: size, stride: stride, requiresGrad: grad}, nil
 }
 
-func intTuple(v any, what string) ([]int64, error) {
+func intTuple(v any, field string) ([]int64, error) {
 	tuple, ok := v.(pickleTuple)
 	if !ok {
-		return nil, fmt.Errorf("%w: tensor %s of type %T", ErrPickle, what, v)
+		return nil, fmt.Errorf("%w: tensor %s of type %T", ErrPickle, field, v)
 	}
 	out := make([]int64, len(tuple))
 	for i, x := range tuple {
 		n, ok := x.(int64)
 		if !ok {
-			return nil, fmt.Errorf("%w: tensor %s element of type %T", ErrPickle, what, x)
+			return nil, fmt.Errorf("%w: tensor %s element of type %T", ErrPickle, field, x)
 		}
 		out[i] = n
 	}

@@ -38,13 +38,13 @@ func forwardAliases(t testing.TB, layer *torch.Module) []string {
 // specOf returns the spec of a new Conv2d with the layer's geometry.
 func specOf(t testing.TB, g torch.Conv2d) torch.Conv2dSpec {
 	t.Helper()
-	require.Empty(t, g.PaddingString, "a builder cannot make a layer with a padding string")
 	dtype, err := torch.ParseDType(g.DType)
 	require.NoError(t, err)
 	return torch.Conv2dSpec{
 		InChannels: g.InChannels, OutChannels: g.OutChannels, Groups: g.Groups,
 		KernelSize: g.KernelSize, Stride: g.Stride, Padding: g.Padding, Dilation: g.Dilation,
-		PaddingMode: g.PaddingMode, Bias: g.Bias, DType: dtype, ChannelsLast: g.ChannelsLast, Training: g.Training,
+		PaddingMode: g.PaddingMode, PaddingString: g.PaddingString, Bias: g.Bias, DType: dtype,
+		ChannelsLast: g.ChannelsLast, Training: g.Training,
 	}
 }
 
@@ -61,6 +61,27 @@ func scaledCopy(t testing.TB, x *torch.Tensor, scale float32) *torch.Tensor {
 	require.NoError(t, err)
 	t.Cleanup(out.Close)
 	return out
+}
+
+// identityConv returns a float32 1x1 Conv2d without bias whose output
+// equals its input.
+func identityConv(t testing.TB, b *torch.Builder, channels int, training bool) *torch.Module {
+	t.Helper()
+	identity, err := b.Conv2d(torch.Conv2dSpec{
+		InChannels: channels, OutChannels: channels, Groups: 1,
+		KernelSize: [2]int{1, 1}, Stride: [2]int{1, 1}, Dilation: [2]int{1, 1},
+		DType: torch.Float32, Training: training,
+	})
+	require.NoError(t, err)
+	eye := make([]float32, channels*channels)
+	for i := 0; i < channels; i++ {
+		eye[i*channels+i] = 1
+	}
+	eyeTensor, err := torch.FromFloat32(eye, int64(channels), int64(channels), 1, 1)
+	require.NoError(t, err)
+	defer eyeTensor.Close()
+	require.NoError(t, identity.SetParameter("weight", eyeTensor))
+	return identity
 }
 
 // equivalentSequential returns a Sequential, built for owner, that computes
@@ -83,21 +104,8 @@ func scaledSequential(t testing.TB, owner, layer *torch.Module, scale float32) *
 	require.NoError(t, err)
 	defer b.Close()
 
-	identity, err := b.Conv2d(torch.Conv2dSpec{
-		InChannels: g.InChannels, OutChannels: g.InChannels, Groups: 1,
-		KernelSize: [2]int{1, 1}, Stride: [2]int{1, 1}, Dilation: [2]int{1, 1},
-		DType: torch.Float32, Training: g.Training,
-	})
-	require.NoError(t, err)
+	identity := identityConv(t, b, g.InChannels, g.Training)
 	defer identity.Close()
-	eye := make([]float32, g.InChannels*g.InChannels)
-	for i := 0; i < g.InChannels; i++ {
-		eye[i*g.InChannels+i] = 1
-	}
-	eyeTensor, err := torch.FromFloat32(eye, int64(g.InChannels), int64(g.InChannels), 1, 1)
-	require.NoError(t, err)
-	defer eyeTensor.Close()
-	require.NoError(t, identity.SetParameter("weight", eyeTensor))
 
 	conv, err := b.Conv2d(specOf(t, g))
 	require.NoError(t, err)
@@ -143,8 +151,8 @@ func decomposedSequential(t testing.TB, owner, layer *torch.Module, rank int) *t
 	if !keepHeightFirst {
 		height, width = 1, 0
 	}
-	// The first layer spans the kept axis and resets the other; the last
-	// layer the other way round.
+	// The first layer spans the kept axis and resets the other, and the last
+	// layer does the opposite.
 	first.KernelSize[width], first.Stride[width], first.Padding[width], first.Dilation[width] = 1, 1, 0, 1
 	last.KernelSize[height], last.Stride[height], last.Padding[height], last.Dilation[height] = 1, 1, 0, 1
 
@@ -177,8 +185,21 @@ func replaceWith(t testing.TB, m *torch.Module, paths []string, build layerBuild
 	return m.Replace(paths, replacements)
 }
 
+// savedModel is a model changed and saved by a test, with what Python must
+// see when it loads the file.
+type savedModel struct {
+	name    string
+	path    string
+	classes map[string]string
+	names   []string
+	shape   []int64
+	output  []float32
+}
+
 func TestReplaceMixedWithDecomposition(t *testing.T) {
 	paths := []string{"blocks.0", "tail.0.1", "down"}
+	var saved []savedModel
+	dir := t.TempDir() // outlives the subtests, for the Python check at the end
 	for _, name := range []string{"mixed", "mixed_traced"} {
 		t.Run(name, func(t *testing.T) {
 			m := loadModel(t, name)
@@ -230,6 +251,12 @@ func TestReplaceMixedWithDecomposition(t *testing.T) {
 			assert.Equal(t, [2]int{2, 1}, g.Stride)
 			assert.Equal(t, [2]int{1, 0}, g.Padding)
 
+			// Train and Eval reach the new modules too.
+			require.NoError(t, m.Train(true))
+			assertTraining(t, m, true)
+			require.NoError(t, m.Eval())
+			assertTraining(t, m, false)
+
 			after, err := m.Forward(testTensor(t, testInputShapes[name]...))
 			require.NoError(t, err)
 			require.Len(t, after, 1)
@@ -238,36 +265,73 @@ func TestReplaceMixedWithDecomposition(t *testing.T) {
 			require.NoError(t, err)
 			after[0].Close()
 
-			path := filepath.Join(t.TempDir(), "decomposed.pt")
+			path := filepath.Join(dir, name+".pt")
 			require.NoError(t, m.Save(path))
-			python := loadInPython(t, pyRequest{Path: path, Shape: testInputShapes[name]})[0]
-			var pythonNames []string
-			for _, module := range python.Modules {
-				pythonNames = append(pythonNames, module.Name)
-				assert.Equal(t, classes[module.Name], module.Class, "Python's class of %q", module.Name)
-			}
-			assert.Equal(t, moduleNames(t, m), pythonNames)
-			require.Len(t, python.Outputs, 1)
-			assert.Equal(t, wantShape, python.Outputs[0].Shape)
-			assertClose(t, goValues, python.Outputs[0].Values, 1e-5, "Python's output of the saved file")
+			saved = append(saved, savedModel{name: name, path: path, classes: classes, names: moduleNames(t, m),
+				shape: wantShape, output: goValues})
 		})
+	}
+	require.Len(t, saved, 2)
+	assertLoadsInPython(t, saved)
+}
+
+// assertLoadsInPython loads the saved models with Python's torch.jit.load
+// in one process and compares module names, classes and forward outputs.
+func assertLoadsInPython(t *testing.T, saved []savedModel) {
+	t.Helper()
+	requests := make([]pyRequest, len(saved))
+	for i, s := range saved {
+		requests[i] = pyRequest{Path: s.path, Shape: testInputShapes[s.name]}
+	}
+	results := loadInPython(t, requests...)
+	for i, s := range saved {
+		python := results[i]
+		var pythonNames []string
+		for _, module := range python.Modules {
+			pythonNames = append(pythonNames, module.Name)
+			assert.Equal(t, s.classes[module.Name], module.Class, "%s: Python's class of %q", s.name, module.Name)
+		}
+		assert.Equal(t, s.names, pythonNames, s.name)
+		require.Len(t, python.Outputs, 1, s.name)
+		assert.Equal(t, s.shape, python.Outputs[0].Shape, s.name)
+		assertClose(t, s.output, python.Outputs[0].Values, 1e-5, s.name+": Python's output of the saved file")
 	}
 }
 
+// assertTraining checks the training flag of every module of the tree.
+func assertTraining(t testing.TB, m *torch.Module, want bool) {
+	t.Helper()
+	for _, name := range moduleNames(t, m) {
+		sub, err := m.Submodule(name)
+		require.NoError(t, err)
+		got, err := sub.IsTraining()
+		require.NoError(t, err)
+		assert.Equal(t, want, got, "training flag of %q", name)
+		sub.Close()
+	}
+}
+
+// TestReplaceKeepsOutput replaces layers by equivalent Sequentials, so the
+// output must stay the same. Marked models are saved and run in Python too.
 func TestReplaceKeepsOutput(t *testing.T) {
 	tests := []struct {
-		model string
-		paths []string
+		model  string
+		paths  []string
+		python bool
 	}{
 		{model: "mixed", paths: []string{"stem", "blocks.0", "heads.b", "tail.0.1"}},
 		{model: "mixed_traced", paths: []string{"squeeze", "blocks.1", "heads.a"}},
 		{model: "resnet18", paths: []string{"conv1", "layer1.0.conv1", "layer3.0.downsample.0"}},
-		{model: "resnet18_traced", paths: []string{"layer2.1.conv2", "layer4.0.conv1"}},
-		{model: "twice_traced", paths: []string{"conv"}},
-		{model: "interface", paths: []string{"layer", "block.conv"}},
-		{model: "shared_weight", paths: []string{"c1", "c2"}},
+		{model: "resnet18", paths: []string{"layer1.0.conv1", "layer1.1.conv1", "layer2.1.conv2"}, python: true},
+		{model: "resnet18_traced", paths: []string{"layer2.1.conv2", "layer4.0.conv1"}, python: true},
+		{model: "twice_traced", paths: []string{"conv"}, python: true},
+		{model: "interface", paths: []string{"layer", "block.conv"}, python: true},
+		{model: "shared_weight", paths: []string{"c1", "c2"}, python: true},
+		{model: "branches", paths: []string{"a", "b", "seq.0"}, python: true},
 		{model: "two_outputs", paths: []string{"conv"}},
 	}
+	var saved []savedModel
+	dir := t.TempDir() // outlives the subtests, for the Python check at the end
 	for _, tt := range tests {
 		t.Run(tt.model, func(t *testing.T) {
 			m := loadModel(t, tt.model)
@@ -281,10 +345,75 @@ func TestReplaceKeepsOutput(t *testing.T) {
 			for i := range before {
 				assertClose(t, before[i], after[i], 1e-4, "output "+strconv.Itoa(i))
 			}
+
+			if !tt.python {
+				return
+			}
+			modules, err := m.NamedModules()
+			require.NoError(t, err)
+			classes := map[string]string{}
+			for _, info := range modules {
+				classes[info.Name] = info.Class
+			}
+			outputs, err := m.Forward(testTensor(t, testInputShapes[tt.model]...))
+			require.NoError(t, err)
+			require.Len(t, outputs, 1)
+			defer outputs[0].Close()
+			path := filepath.Join(dir, strconv.Itoa(len(saved))+".pt")
+			require.NoError(t, m.Save(path))
+			saved = append(saved, savedModel{name: tt.model, path: path, classes: classes, names: moduleNames(t, m),
+				shape: outputs[0].Shape(), output: after[0]})
 		})
 	}
+	require.Len(t, saved, 6)
+	assertLoadsInPython(t, saved)
 }
 
+// TestReplaceNonConvModules replaces modules other than Conv2d layers in
+// two ways that compute the same function: the ReLU tail.0.0 by an identity
+// Conv2d, and the whole container tail by a Conv2d with tail.0.1's
+// parameters. Both drop the ReLU before the last layer.
+func TestReplaceNonConvModules(t *testing.T) {
+	original := forwardValues(t, loadModel(t, "mixed"), "mixed")
+
+	withoutReLU := loadModel(t, "mixed")
+	b := newBuilder(t, withoutReLU)
+	identity := identityConv(t, b, 64, false)
+	defer identity.Close()
+	seq, err := b.Sequential([]*torch.Module{identity}, nil, false)
+	require.NoError(t, err)
+	defer seq.Close()
+	require.NoError(t, withoutReLU.Replace([]string{"tail.0.0"}, []*torch.Module{seq}))
+	assert.Equal(t, "Sequential", moduleClass(t, withoutReLU, "tail.0.0"))
+
+	withoutTail := loadModel(t, "mixed")
+	last, err := withoutTail.Submodule("tail.0.1")
+	require.NoError(t, err)
+	defer last.Close()
+	g, err := last.Conv2d()
+	require.NoError(t, err)
+	b = newBuilder(t, withoutTail)
+	conv := buildConv(t, b, specOf(t, g))
+	for _, name := range []string{"weight", "bias"} {
+		p, err := last.Parameter(name)
+		require.NoError(t, err)
+		require.NoError(t, conv.SetParameter(name, p))
+		p.Close()
+	}
+	tail, err := b.Sequential([]*torch.Module{conv}, nil, false)
+	require.NoError(t, err)
+	defer tail.Close()
+	require.NoError(t, withoutTail.Replace([]string{"tail"}, []*torch.Module{tail}))
+	assert.Equal(t, []string{"tail", "tail.0"}, moduleNames(t, withoutTail)[11:])
+
+	first := forwardValues(t, withoutReLU, "mixed")
+	second := forwardValues(t, withoutTail, "mixed")
+	assertClose(t, first[0], second[0], 1e-5, "outputs of the two changed models")
+	assert.NotEqual(t, original[0], first[0], "dropping the ReLU changes the output")
+}
+
+// TestReplaceTracedLayerCalledTwice replaces a traced layer whose parent
+// calls it as forward and forward1.
 func TestReplaceTracedLayerCalledTwice(t *testing.T) {
 	m := loadModel(t, "twice_traced")
 	before := forwardValues(t, m, "twice_traced")
@@ -297,32 +426,18 @@ func TestReplaceTracedLayerCalledTwice(t *testing.T) {
 	require.NoError(t, err)
 	assert.Contains(t, methods, "forward1")
 	assertClose(t, before[0], forwardValues(t, m, "twice_traced")[0], 1e-4, "output")
-
-	path := filepath.Join(t.TempDir(), "twice.pt")
-	require.NoError(t, m.Save(path))
-	python := loadInPython(t, pyRequest{Path: path, Shape: testInputShapes["twice_traced"]})[0]
-	require.Len(t, python.Outputs, 1)
-	assertClose(t, before[0], python.Outputs[0].Values, 1e-4, "Python's output of the saved file")
 }
 
+// TestReplaceThroughInterface replaces modules held by attributes of an
+// interface type: one such attribute itself, and a layer inside another.
 func TestReplaceThroughInterface(t *testing.T) {
 	m := loadModel(t, "interface")
 	before := forwardValues(t, m, "interface")
 	require.NoError(t, replaceWith(t, m, []string{"layer", "block.conv"}, equivalentSequential))
 	assertClose(t, before[0], forwardValues(t, m, "interface")[0], 1e-4, "output")
-
-	path := filepath.Join(t.TempDir(), "interface.pt")
-	require.NoError(t, m.Save(path))
-	python := loadInPython(t, pyRequest{Path: path, Shape: testInputShapes["interface"]})[0]
-	got := map[string]string{}
-	for _, module := range python.Modules {
-		got[module.Name] = module.Class
-	}
-	assert.Equal(t, "Sequential", got["layer"])
-	assert.Equal(t, "Sequential", got["block.conv"])
-	assert.Equal(t, "Conv2d", got["block.conv.1"])
-	require.Len(t, python.Outputs, 1)
-	assertClose(t, before[0], python.Outputs[0].Values, 1e-4, "Python's output of the saved file")
+	assert.Equal(t, []string{"", "layer", "layer.0", "layer.1", "block", "block.conv", "block.conv.0", "block.conv.1"},
+		moduleNames(t, m))
+	assert.Equal(t, "Block", moduleClass(t, m, "block"))
 }
 
 // TestReplaceResnet18SharedTypes replaces one conv of a BasicBlock whose
@@ -390,6 +505,15 @@ func TestReplaceResnet18SharedTypes(t *testing.T) {
 	assert.Contains(t, keys, "layer1.1.conv1.weight")
 	require.Len(t, python.Outputs, 1)
 	assertClose(t, got[0], python.Outputs[0].Values, 1e-4, "Python's output of the saved file")
+
+	// The saved model loads in Go and accepts a second replacement.
+	reloaded, err := torch.Load(path)
+	require.NoError(t, err)
+	defer reloaded.Close()
+	require.NoError(t, replaceWith(t, reloaded, []string{"layer1.1.conv1"}, equivalentSequential))
+	assert.Equal(t, "Sequential", moduleClass(t, reloaded, "layer1.0.conv1"))
+	assert.Equal(t, "Sequential", moduleClass(t, reloaded, "layer1.1.conv1"))
+	assertClose(t, want[0], forwardValues(t, reloaded, "resnet18")[0], 1e-4, "output of the reloaded model")
 }
 
 // TestReplaceAfterForward checks that a model whose methods already ran runs
@@ -428,18 +552,24 @@ func TestReplaceRejected(t *testing.T) {
 		paths []string
 		// build makes the replacement of each path; nil uses sequentialOf.
 		build func(t *testing.T, owner *torch.Module, path string) *torch.Module
-		want []string // substrings of the error
+		want  []string // substrings of the error
 	}{
 		{name: "parent reads the weight", model: "reads_weight", paths: []string{"conv"},
 			want: []string{"'conv'", "'forward'", "weight"}},
 		{name: "parent reads the weight with another layer", model: "reads_weight", paths: []string{"other", "conv"},
 			want: []string{"'conv'"}},
+		{name: "exported method reads the weight", model: "export_reads_weight", paths: []string{"conv"},
+			want: []string{"'conv'", "'weight_mean'", "weight"}},
 		{name: "duplicate path", model: "mixed", paths: []string{"down", "down"}, want: []string{"'down'", "twice"}},
 		{name: "path inside a replaced path", model: "mixed", paths: []string{"tail.0", "tail.0.1"},
 			build: func(t *testing.T, owner *torch.Module, path string) *torch.Module {
 				return sequentialOf(t, owner, "tail.0.1")
 			},
 			want: []string{"'tail.0.1'", "'tail.0'"}},
+		{name: "module list read by its parent", model: "mixed", paths: []string{"blocks"},
+			want: []string{"'blocks'", "'forward'", "reads its attribute '0'"}},
+		{name: "module dict read by its parent", model: "mixed", paths: []string{"heads"},
+			want: []string{"'heads'", "'forward'"}},
 		{name: "unknown path", model: "mixed", paths: []string{"nope"}, want: []string{"nope"}},
 		{name: "unknown index", model: "mixed", paths: []string{"blocks.7"}, want: []string{"blocks.7"}},
 		{name: "unknown path after a valid one", model: "mixed", paths: []string{"down", "heads.z"}, want: []string{"heads.z"}},
@@ -551,6 +681,31 @@ func residentMemory(t testing.TB) int64 {
 	return 0
 }
 
+// assertMemoryBounded runs cycle n times after a warm-up and checks that the
+// resident set grows by less than maxGrowth bytes. It checks every 50
+// cycles and stops at the first excess, so a leak cannot exhaust memory.
+func assertMemoryBounded(t *testing.T, n int, maxGrowth int64, what string, cycle func()) {
+	t.Helper()
+	for i := 0; i < 20; i++ {
+		cycle()
+	}
+	start := residentMemory(t)
+	for i := 1; i <= n; i++ {
+		cycle()
+		if i%50 != 0 && i != n {
+			continue
+		}
+		growth := residentMemory(t) - start
+		if growth >= maxGrowth {
+			t.Fatalf("resident set grew by %.1f MB after %d %s, more than the %.0f MB allowed",
+				float64(growth)/(1<<20), i, what, float64(maxGrowth)/(1<<20))
+		}
+		if i == n {
+			t.Logf("resident set grew by %.1f MB over %d %s", float64(growth)/(1<<20), n, what)
+		}
+	}
+}
+
 // TestMemoryBounded checks that handles are released: 300 cycles of Clone,
 // Replace and Close, and 2000 Forward calls, must not grow the resident set
 // by more than a generous bound. It measures memory, not time.
@@ -562,48 +717,80 @@ func TestMemoryBounded(t *testing.T) {
 
 	t.Run("clone replace close", func(t *testing.T) {
 		m := loadModel(t, "mixed")
-		cycle := func() {
+		assertMemoryBounded(t, 300, maxGrowth, "cycles of Clone, Replace and Close", func() {
 			clone, err := m.Clone()
 			require.NoError(t, err)
-			layer, err := clone.Submodule("tail.0.1")
-			require.NoError(t, err)
-			seq := decomposedSequential(t, clone, layer, 8)
-			layer.Close()
-			require.NoError(t, clone.Replace([]string{"tail.0.1"}, []*torch.Module{seq}))
-			seq.Close()
+			require.NoError(t, splitLayer(clone, "tail.0.1"))
 			clone.Close()
-		}
-		for i := 0; i < 20; i++ {
-			cycle()
-		}
-		start := residentMemory(t)
-		for i := 0; i < 300; i++ {
-			cycle()
-		}
-		growth := residentMemory(t) - start
-		t.Logf("resident set grew by %.1f MB over 300 cycles", float64(growth)/(1<<20))
-		assert.Less(t, growth, int64(maxGrowth))
+		})
+	})
+
+	t.Run("load replace close", func(t *testing.T) {
+		path := modelPath(t, "mixed")
+		assertMemoryBounded(t, 100, maxGrowth, "cycles of Load, Replace and Close", func() {
+			m, err := torch.Load(path)
+			require.NoError(t, err)
+			require.NoError(t, splitLayer(m, "tail.0.1"))
+			m.Close()
+		})
 	})
 
 	t.Run("forward", func(t *testing.T) {
 		m := loadModel(t, "two_outputs")
 		x := testTensor(t, testInputShapes["two_outputs"]...)
-		run := func() {
+		assertMemoryBounded(t, 2000, maxGrowth, "forward calls", func() {
 			outputs, err := m.Forward(x)
 			require.NoError(t, err)
 			for _, out := range outputs {
 				out.Close()
 			}
-		}
-		for i := 0; i < 100; i++ {
-			run()
-		}
-		start := residentMemory(t)
-		for i := 0; i < 2000; i++ {
-			run()
-		}
-		growth := residentMemory(t) - start
-		t.Logf("resident set grew by %.1f MB over 2000 forward calls", float64(growth)/(1<<20))
-		assert.Less(t, growth, int64(maxGrowth))
+		})
 	})
+}
+
+// decomposedLayer is decomposedSequential of rank 8, as a layerBuilder.
+func decomposedLayer(t testing.TB, owner, layer *torch.Module) *torch.Module {
+	t.Helper()
+	return decomposedSequential(t, owner, layer, 8)
+}
+
+// TestReplaceThroughSubmoduleHandle calls Replace on a handle from
+// Submodule. The change must reach the whole model and nothing else: when
+// the handle's class type is shared with a sibling (the BasicBlocks of a
+// scripted resnet18 stage), the sibling must keep its Conv2d and the model
+// must still run, unless Replace rejects the call and changes nothing.
+func TestReplaceThroughSubmoduleHandle(t *testing.T) {
+	tests := []struct {
+		model  string
+		handle string
+		path   string
+		other  string // a layer that must stay a Conv2d
+	}{
+		{model: "mixed", handle: "tail", path: "0.1", other: "heads.a"},
+		{model: "resnet18", handle: "layer1.0", path: "conv1", other: "layer1.1.conv1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.model+"/"+tt.handle, func(t *testing.T) {
+			m := loadModel(t, tt.model)
+			before := takeSnapshot(t, m, tt.model)
+			sub, err := m.Submodule(tt.handle)
+			require.NoError(t, err)
+			defer sub.Close()
+
+			err = replaceWith(t, sub, []string{tt.path}, equivalentSequential)
+			if err != nil {
+				t.Logf("Replace rejected the call: %v", err)
+				assertSnapshot(t, before, m, tt.model)
+				return
+			}
+			assert.Equal(t, "Sequential", moduleClass(t, m, tt.handle+"."+tt.path))
+			assert.Equal(t, "Conv2d", moduleClass(t, m, tt.other))
+			outputs, err := m.Forward(testTensor(t, testInputShapes[tt.model]...))
+			require.NoError(t, err, "forward of the whole model after Replace through a submodule handle")
+			got, err := outputs[0].Float32s()
+			require.NoError(t, err)
+			outputs[0].Close()
+			assertClose(t, before.output[0], got, 1e-4, "output")
+		})
+	}
 }

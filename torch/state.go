@@ -225,9 +225,9 @@ type loadReply struct {
 
 // LoadStateDict copies the state dict's tensors into the module's
 // parameters and buffers of the same names, in place and without recording
-// gradients, as Python's load_state_dict does: parameters shared between
-// layers stay shared, and each keeps its memory format (a channels-last
-// weight stays channels-last).
+// gradients, as Python's load_state_dict does. Parameters shared between
+// layers therefore stay shared, and each keeps its memory format (a
+// channels-last weight stays channels-last).
 //
 // Every key is checked before anything is copied. With strict, any missing
 // key, unexpected key, or tensor whose shape or dtype differs from the
@@ -367,7 +367,7 @@ func readStateDictArchive(archive *zip.Reader) (*StateDict, error) {
 	}
 	dict, ok := root.(*pickleDict)
 	if !ok {
-		return nil, fmt.Errorf("%w: the file holds a %s, not a dict of tensors", ErrNotStateDictFile, pythonType(root))
+		return nil, fmt.Errorf("%w: the file contains a %s, not a dict of tensors", ErrNotStateDictFile, pythonType(root))
 	}
 
 	storages := map[string]*Tensor{}
@@ -512,10 +512,10 @@ func (t *Tensor) storageInfo() (storageInfo, error) {
 	return info, nil
 }
 
-// Save writes the state dict to path in the format of Python's torch.save:
-// torch.load returns an OrderedDict with the same keys in the same order,
-// whose tensors have the same dtypes, shapes and strides, do not require
-// gradients, and share storage where they share it here. Save writes a
+// Save writes the state dict to path in the format of Python's torch.save.
+// Python's torch.load returns an OrderedDict with the same keys in the same
+// order. Its tensors have the same dtypes, shapes and strides, do not
+// require gradients, and share storage where they share it here. Save writes a
 // temporary file beside path and renames it, so path holds either its old
 // content or the complete new file.
 func (sd *StateDict) Save(path string) error {

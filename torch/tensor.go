@@ -131,14 +131,21 @@ func fromData(data unsafe.Pointer, n int, dtype DType, shape []int64) (*Tensor, 
 	return newTensor(out), nil
 }
 
-// DType returns the tensor's element type.
+// DType returns the tensor's element type. Methods without an error result
+// return zero values on a closed tensor.
 func (t *Tensor) DType() DType {
+	if t == nil || t.ptr == nil {
+		return 0
+	}
 	defer runtime.KeepAlive(t)
 	return DType(C.cs_tensor_dtype(t.ptr))
 }
 
 // Shape returns the tensor's sizes.
 func (t *Tensor) Shape() []int64 {
+	if t == nil || t.ptr == nil {
+		return nil
+	}
 	defer runtime.KeepAlive(t)
 	shape := make([]int64, int(C.cs_tensor_ndim(t.ptr)))
 	if len(shape) > 0 {
@@ -158,12 +165,18 @@ func (t *Tensor) Numel() int64 {
 
 // ChannelsLast reports whether a 4-D tensor is stored channels-last.
 func (t *Tensor) ChannelsLast() bool {
+	if t == nil || t.ptr == nil {
+		return false
+	}
 	defer runtime.KeepAlive(t)
 	return C.cs_tensor_channels_last(t.ptr) != 0
 }
 
 // RequiresGrad reports whether autograd records operations on the tensor.
 func (t *Tensor) RequiresGrad() bool {
+	if t == nil || t.ptr == nil {
+		return false
+	}
 	defer runtime.KeepAlive(t)
 	return C.cs_tensor_requires_grad(t.ptr) != 0
 }
@@ -171,6 +184,9 @@ func (t *Tensor) RequiresGrad() bool {
 // Same reports whether two handles refer to the same tensor, as parameters
 // shared between layers do.
 func (t *Tensor) Same(other *Tensor) bool {
+	if t == nil || t.ptr == nil || other == nil || other.ptr == nil {
+		return false
+	}
 	defer runtime.KeepAlive(t)
 	defer runtime.KeepAlive(other)
 	return C.cs_tensor_same(t.ptr, other.ptr) != 0
@@ -179,7 +195,7 @@ func (t *Tensor) Same(other *Tensor) bool {
 // Bytes returns a copy of the tensor's elements in row-major (contiguous)
 // order, in its own dtype and the machine's byte order.
 func (t *Tensor) Bytes() ([]byte, error) {
-	if t.ptr == nil {
+	if t == nil || t.ptr == nil {
 		return nil, ErrClosed
 	}
 	defer runtime.KeepAlive(t)
@@ -201,6 +217,9 @@ func (t *Tensor) Bytes() ([]byte, error) {
 
 // Float32s returns a copy of a float32 tensor's elements in row-major order.
 func (t *Tensor) Float32s() ([]float32, error) {
+	if t == nil || t.ptr == nil {
+		return nil, ErrClosed
+	}
 	if t.DType() != Float32 {
 		return nil, fmt.Errorf("tensor has dtype %v, not float32", t.DType())
 	}
@@ -213,6 +232,9 @@ func (t *Tensor) Float32s() ([]float32, error) {
 
 // Float64s returns a copy of a float64 tensor's elements in row-major order.
 func (t *Tensor) Float64s() ([]float64, error) {
+	if t == nil || t.ptr == nil {
+		return nil, ErrClosed
+	}
 	if t.DType() != Float64 {
 		return nil, fmt.Errorf("tensor has dtype %v, not float64", t.DType())
 	}

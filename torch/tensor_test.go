@@ -2,7 +2,11 @@ package torch_test
 
 import (
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"math"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 
@@ -161,7 +165,7 @@ func TestDTypeNames(t *testing.T) {
 }
 
 func TestForwardMatchesPython(t *testing.T) {
-	for _, name := range []string{"mixed", "mixed_traced", "two_outputs"} {
+	for _, name := range []string{"mixed", "mixed_traced", "two_outputs", "returns_list"} {
 		t.Run(name, func(t *testing.T) {
 			want := reference(t).Forward[name]
 			require.NotEmpty(t, want.Outputs)
@@ -205,7 +209,19 @@ func TestForwardTupleOutputs(t *testing.T) {
 }
 
 func TestForwardErrors(t *testing.T) {
-	m := loadModel(t, "mixed")
+	for _, name := range []string{"mixed", "mixed_traced"} {
+		t.Run(name, func(t *testing.T) {
+			testForwardErrors(t, loadModel(t, name))
+		})
+	}
+
+	outputs, err := loadModel(t, "returns_dict").Forward(testTensor(t, 1, 3, 8, 8))
+	require.Error(t, err)
+	assert.Nil(t, outputs)
+	assert.Contains(t, err.Error(), "Dict")
+}
+
+func testForwardErrors(t *testing.T, m *torch.Module) {
 	tests := []struct {
 		name   string
 		inputs func(t *testing.T) []*torch.Tensor
@@ -283,4 +299,60 @@ func TestTensorParameterFlags(t *testing.T) {
 			assert.Len(t, raw, int(weight.Numel())*map[torch.DType]int{torch.Float16: 2, torch.Float32: 4, torch.Float64: 8}[tt.dtype])
 		})
 	}
+}
+
+// closedTensorEnv names the call that TestClosedTensor's child process makes
+// on a closed tensor.
+const closedTensorEnv = "CONVSPLIT_TEST_CLOSED_TENSOR_CALL"
+
+// closedTensorCalls are Tensor methods, and a Module method taking a tensor,
+// that a closed tensor must not crash. Each returns an error for the child
+// process to report. Bytes is left out because it checks for a closed tensor
+// itself.
+var closedTensorCalls = map[string]func(x *torch.Tensor, m *torch.Module) error{
+	"Shape":        func(x *torch.Tensor, _ *torch.Module) error { x.Shape(); return nil },
+	"DType":        func(x *torch.Tensor, _ *torch.Module) error { x.DType(); return nil },
+	"ChannelsLast": func(x *torch.Tensor, _ *torch.Module) error { x.ChannelsLast(); return nil },
+	"Same":         func(x *torch.Tensor, _ *torch.Module) error { x.Same(x); return nil },
+	"Float32s":     func(x *torch.Tensor, _ *torch.Module) error { _, err := x.Float32s(); return expectClosed(err) },
+	"SetParameter": func(x *torch.Tensor, m *torch.Module) error { return expectClosed(m.SetParameter("weight", x)) },
+}
+
+func expectClosed(err error) error {
+	if !errors.Is(err, torch.ErrClosed) {
+		return fmt.Errorf("error %v does not wrap torch.ErrClosed", err)
+	}
+	return nil
+}
+
+// TestClosedTensor calls each method on a closed tensor in a child process,
+// because a nil handle reaching the shim ends the process with SIGSEGV.
+func TestClosedTensor(t *testing.T) {
+	if call := os.Getenv(closedTensorEnv); call != "" {
+		x := testTensor(t, 2, 2)
+		x.Close()
+		m := loadModel(t, "conv_zeros")
+		require.NoError(t, closedTensorCalls[call](x, m))
+		return
+	}
+
+	modelPath(t, "conv_zeros") // make the model before the child processes need it
+	for call := range closedTensorCalls {
+		t.Run(call, func(t *testing.T) {
+			t.Parallel()
+			cmd := exec.Command(os.Args[0], "-test.run=^TestClosedTensor$", "-test.count=1")
+			cmd.Env = append(os.Environ(), closedTensorEnv+"="+call)
+			out, err := cmd.CombinedOutput()
+			assert.NoError(t, err, "%s on a closed tensor failed or ended the process:\n%s", call, firstLines(string(out), 8))
+		})
+	}
+}
+
+// firstLines returns at most n lines of text.
+func firstLines(text string, n int) string {
+	lines := strings.SplitN(text, "\n", n+1)
+	if len(lines) > n {
+		lines = lines[:n]
+	}
+	return strings.Join(lines, "\n")
 }

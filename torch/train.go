@@ -130,8 +130,9 @@ type SGD struct {
 }
 
 // NewSGD returns an optimizer that updates the given parameters, usually
-// those Parameters returned. The optimizer keeps its own references to the
-// parameters, so their handles may be closed.
+// those Parameters returned. Each must be a leaf tensor that requires
+// gradients, as the parameters of a loaded module are. The optimizer keeps
+// its own references to the parameters, so their handles may be closed.
 func NewSGD(params []NamedTensor, opts SGDOptions) (*SGD, error) {
 	if err := opts.check(); err != nil {
 		return nil, err
@@ -139,20 +140,26 @@ func NewSGD(params []NamedTensor, opts SGDOptions) (*SGD, error) {
 	if len(params) == 0 {
 		return nil, fmt.Errorf("sgd: %w: no parameters to optimize", ErrInvalidOptions)
 	}
+
 	handles := make([]*C.cs_tensor, len(params))
+	names := make([]string, len(params))
 	for i, p := range params {
 		if p.Tensor == nil || p.Tensor.ptr == nil {
 			return nil, fmt.Errorf("sgd: parameter %s: %w", p.Name, ErrClosed)
 		}
 		handles[i] = p.Tensor.ptr
+		names[i] = p.Name
 	}
+	cnames, free := cStrings(names)
+	defer free()
+
 	nesterov := C.int(0)
 	if opts.Nesterov {
 		nesterov = 1
 	}
 	var out *C.cs_sgd
 	var msg *C.char
-	if C.cs_sgd_new(&handles[0], C.int(len(handles)), C.double(opts.LR), C.double(opts.Momentum),
+	if C.cs_sgd_new(&handles[0], &cnames[0], C.int(len(handles)), C.double(opts.LR), C.double(opts.Momentum),
 		C.double(opts.Dampening), C.double(opts.WeightDecay), nesterov, &out, &msg) != 0 {
 		return nil, takeError("sgd", msg)
 	}

@@ -197,7 +197,11 @@ func printChanges(w io.Writer, changes decompose.Changes) {
 		fmt.Fprintf(tw, "%s\t%s\n", name, strings.Join(c.NewLayers[:], ", "))
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "%d layers replaced\n", len(changes))
+	if len(changes) == 1 {
+		fmt.Fprintln(w, "1 layer replaced")
+	} else {
+		fmt.Fprintf(w, "%d layers replaced\n", len(changes))
+	}
 }
 
 // writeFileAtomic writes data to a temporary file beside path and renames

@@ -40,6 +40,7 @@ func parseBenchFlags(args []string, stderr io.Writer) (benchFlags, error) {
 	fs.Int64Var(&f.seed, "seed", 0, "seed torch's generator with `N` before restructuring")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object instead of Markdown tables")
 	fs.StringVar(&f.svg, "svg", "", "write a bar chart of each replaced layer's latency before and after to this SVG `file`")
+
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: convsplit bench -model IN.pt -info INFO.json [-input 1x3x224x224] [-runs N] [-warmup N] [-threads N] [-json] [-svg PLOT.svg] [-seed N]")
 		fmt.Fprintln(stderr, "\nTimes loading the model, restructuring it as AMCT's decompose_network would (and the")
@@ -47,6 +48,7 @@ func parseBenchFlags(args []string, stderr io.Writer) (benchFlags, error) {
 		fmt.Fprintln(stderr, "each replaced layer before and after. Times are in milliseconds.")
 		fs.PrintDefaults()
 	}
+
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return f, errHelp
@@ -58,6 +60,7 @@ func parseBenchFlags(args []string, stderr io.Writer) (benchFlags, error) {
 			f.seedSet = true
 		}
 	})
+
 	switch {
 	case fs.NArg() > 0:
 		return f, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
@@ -270,10 +273,11 @@ const drawPasses = 3
 
 // timeDraws estimates the part of Network spent drawing default-initialized
 // weights. It makes the same new Conv2d layers as Network, with the same
-// specs, through one builder: a first untimed pass compiles their types, so
-// the timed passes cost the draws (kaiming_uniform_, uniform_, the casts)
-// plus object creation and one cgo call per layer, which take microseconds.
-// The draws advance libtorch's generator, so call it after Network.
+// specs, through one builder. A first untimed pass compiles their types.
+// The timed passes then cost the draws (kaiming_uniform_, uniform_, the
+// casts) plus object creation and one cgo call per layer, which take
+// microseconds. The draws advance libtorch's generator, so call it after
+// Network.
 func timeDraws(model *torch.Module, info *decompose.Info) (time.Duration, error) {
 	specs, err := newLayerSpecs(model, info)
 	if err != nil {
@@ -286,9 +290,9 @@ func timeDraws(model *torch.Module, info *decompose.Info) (time.Duration, error)
 	defer builder.Close()
 
 	pass := func() (time.Duration, error) {
-		made := make([]*torch.Module, 0, len(specs))
+		built := make([]*torch.Module, 0, len(specs))
 		defer func() {
-			for _, m := range made {
+			for _, m := range built {
 				m.Close()
 			}
 		}()
@@ -298,7 +302,7 @@ func timeDraws(model *torch.Module, info *decompose.Info) (time.Duration, error)
 			if err != nil {
 				return 0, err
 			}
-			made = append(made, m)
+			built = append(built, m)
 		}
 		return time.Since(start), nil
 	}

@@ -42,7 +42,7 @@ type conv2dCost struct {
 	Input  []int64 `json:"input,omitempty"`
 	Output []int64 `json:"output,omitempty"`
 	// Measured is false when the layer's calls could not be recorded;
-	// MACs is then 0 and Unmeasured says why.
+	// MACs is then 0 and Unmeasured gives the cause.
 	Measured   bool   `json:"measured"`
 	Unmeasured string `json:"unmeasured,omitempty"`
 }
@@ -124,8 +124,10 @@ func measureLayer(model *torch.Module, shapes torch.Conv2dShapes) (conv2dCost, e
 	if g.Bias {
 		layer.Params += int64(g.OutChannels)
 	}
+
 	mode, ok, reason := decompose.ChooseMode(g.InChannels, g.OutChannels, g.KernelSize, g.Stride, g.Dilation, g.Groups)
 	layer.AMCTDecomposes, layer.AMCTMode, layer.AMCTReason = ok, string(mode), reason
+
 	if !shapes.Probed {
 		layer.Unmeasured = shapes.Reason
 		return layer, nil
@@ -135,6 +137,7 @@ func measureLayer(model *torch.Module, shapes torch.Conv2dShapes) (conv2dCost, e
 		return layer, nil
 	}
 	layer.Input, layer.Output = shapes.Calls[0].Input, shapes.Calls[0].Output
+
 	perOutput := int64(g.OutChannels) * int64(g.InChannels/max(g.Groups, 1)) * int64(g.KernelSize[0]*g.KernelSize[1])
 	for _, call := range shapes.Calls {
 		out := call.Output
@@ -246,6 +249,7 @@ func parseInspectFlags(args []string, stderr io.Writer) (inspectFlags, error) {
 	fs.StringVar(&f.info, "info", "", "also restructure a copy as this AMCT decomposition-information `file` says and compare")
 	fs.StringVar(&input, "input", "", "input `sizes` of the forward pass, such as 1x3x224x224 (default: 1, the first Conv2d's input channels, 224, 224)")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object instead of tables")
+
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: convsplit inspect -model IN.pt [-info INFO.json] [-input 1x3x224x224] [-json]")
 		fmt.Fprintln(stderr, "\nLists every Conv2d with its geometry, whether AMCT's auto_decomposition rules would")
@@ -253,6 +257,7 @@ func parseInspectFlags(args []string, stderr io.Writer) (inspectFlags, error) {
 		fmt.Fprintln(stderr, "one batch item, measured in a forward pass at the input size.")
 		fs.PrintDefaults()
 	}
+
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return f, errHelp
@@ -341,7 +346,7 @@ func runInspect(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-// measureRestructured restructures a copy of model as info says and
+// measureRestructured restructures a copy of model as info specifies and
 // measures it at the same input size as before.
 func measureRestructured(model *torch.Module, info *decompose.Info, source string, before *modelCost) (modelCost, []replacedLayer, error) {
 	clone, err := model.Clone()

@@ -30,6 +30,7 @@ var commands = []command{
 	{"apply", "replace the layers listed in an AMCT information file and save the model", runApply},
 	{"inspect", "list every Conv2d with its geometry, AMCT's decision, parameters and MACs", runInspect},
 	{"bench", "time loading, restructuring, saving and forward passes before and after", runBench},
+	{"auto", "decompose every eligible Conv2d from its trained weights and write AMCT's information file", runAuto},
 }
 
 func main() {

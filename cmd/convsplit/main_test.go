@@ -72,7 +72,7 @@ func TestBinaryExitStatus(t *testing.T) {
 	}{
 		{
 			name: "success", args: []string{"apply", "-model", model, "-info", info, "-o", out, "-seed", "1"},
-			status: 0, stdout: []string{"LAYER", `""`, "1 layers replaced", "wrote " + out}, wrote: true,
+			status: 0, stdout: []string{"LAYER", `""`, "1 layer replaced", "wrote " + out}, wrote: true,
 		},
 		{
 			name: "usage error", args: []string{"apply", "-model", model, "-o", out},

@@ -80,27 +80,74 @@ func TestApplyWeightsMatchesIO(t *testing.T) {
 	}
 }
 
-func TestApplyWeightsPythonReadsOutput(t *testing.T) {
+// fineTune runs ten SGD steps that pull m's outputs for x towards target
+// and returns the loss of each step.
+func fineTune(t *testing.T, m *torch.Module, x, target *torch.Tensor, opts torch.SGDOptions) []float64 {
+	t.Helper()
+	require.NoError(t, m.Train(true))
+	params, err := m.Parameters()
+	require.NoError(t, err)
+	optimizer, err := torch.NewSGD(params, opts)
+	require.NoError(t, err)
+	defer optimizer.Close()
+
+	losses := make([]float64, 10)
+	for i := range losses {
+		require.NoError(t, optimizer.ZeroGrad())
+		out, err := m.ForwardTrain(x)
+		require.NoError(t, err)
+		loss, err := torch.MSELoss(out[0], target)
+		require.NoError(t, err)
+		losses[i], err = loss.Item()
+		require.NoError(t, err)
+		require.NoError(t, loss.Backward())
+		require.NoError(t, optimizer.Step())
+		loss.Close()
+		out[0].Close()
+	}
+	return losses
+}
+
+func TestApplyWeightsThenFineTune(t *testing.T) {
 	dir := t.TempDir()
 	out := filepath.Join(dir, "out.pt")
-	weights := testutil.AMCT("mixed", "decomposed_state.pt")
 	code, _, stderr := runWeights("apply", "-model", testutil.Fixture(t, "mixed"),
-		"-info", testutil.AMCT("mixed", "decompose_info.json"), "-weights", weights, "-o", out)
+		"-info", testutil.AMCT("mixed", "decompose_info.json"),
+		"-weights", testutil.AMCT("mixed", "decomposed_state.pt"), "-o", out)
 	require.Equal(t, 0, code, stderr)
 
-	// Python runs the saved model on io.pt's input and must get Go's output
-	// and AMCT's state dict.
+	// Fine-tune the written model towards io.pt's output for a shifted
+	// input, so that its weights leave AMCT's.
 	model, err := torch.Load(out)
 	require.NoError(t, err)
 	defer model.Close()
+	x, diff, bound := ioOutput(t, model, "mixed", 0)
+	require.LessOrEqual(t, diff, bound)
+	values := mustFloat32s(t, x)
+	for i := range values {
+		values[i] += 0.1
+	}
+	shifted, err := torch.FromFloat32(values, x.Shape()...)
+	require.NoError(t, err)
+	defer shifted.Close()
+	target, err := model.Forward(x)
+	require.NoError(t, err)
+	defer target[0].Close()
+	losses := fineTune(t, model, shifted, target[0], torch.SGDOptions{LR: 0.1, Momentum: 0.9})
+	for i := 1; i < len(losses); i++ {
+		assert.Less(t, losses[i], losses[i-1], "step %d lowers the loss", i)
+	}
+
+	// Python loads the tuned state dict into AMCT's decomposed eager model,
+	// and runs the tuned TorchScript file: both give Go's output.
+	require.NoError(t, model.Eval())
+	tunedPath := filepath.Join(dir, "tuned.pt")
 	statePath := filepath.Join(dir, "state.pt")
+	require.NoError(t, model.Save(tunedPath))
 	require.NoError(t, model.SaveStateDict(statePath))
-	x, _, _ := ioOutput(t, model, "mixed", 0)
 	outputs, err := model.Forward(x)
 	require.NoError(t, err)
-	input, err := x.Float32s()
-	require.NoError(t, err)
-	inputCopy, err := torch.FromFloat32(input, x.Shape()...)
+	inputCopy, err := torch.FromFloat32(mustFloat32s(t, x), x.Shape()...)
 	require.NoError(t, err)
 	io := torch.NewStateDict()
 	defer io.Close()
@@ -110,8 +157,15 @@ func TestApplyWeightsPythonReadsOutput(t *testing.T) {
 	require.NoError(t, io.Save(ioPath))
 
 	report := testutil.RunPython(t, "finetune_check.py", "mixed", "--state", statePath,
-		"--same-as", weights, "--io", ioPath, "--script", out)
+		"--io", ioPath, "--script", tunedPath)
 	assert.Contains(t, report, "ok   mixed")
+}
+
+func mustFloat32s(t *testing.T, x *torch.Tensor) []float32 {
+	t.Helper()
+	values, err := x.Float32s()
+	require.NoError(t, err)
+	return values
 }
 
 func TestApplyWeightsErrors(t *testing.T) {

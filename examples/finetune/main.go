@@ -1,9 +1,10 @@
 // Command finetune restructures a TorchScript model with an AMCT
-// decomposition-information file, loads the decomposed weights AMCT computed,
-// and fine-tunes the result for a few SGD steps so that it matches the
-// original model's outputs (the original is the teacher) on random inputs.
-// It prints the loss of each step and saves the model as TorchScript and its
-// weights as a state dict that Python's load_state_dict reads.
+// decomposition-information file and loads the decomposed weights AMCT
+// computed. It then fine-tunes the result for a few SGD steps so that it
+// matches the original model's outputs on random inputs (the original is the
+// teacher). It prints the loss of each step and saves the model as
+// TorchScript and its weights as a state dict that Python's load_state_dict
+// reads.
 //
 // From the repository root, after `make fixtures`:
 //
@@ -57,6 +58,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.Int64Var(&o.seed, "seed", 1, "`seed` of the random inputs")
 	fs.StringVar(&o.out, "o", "build/finetune/model.pt", "output TorchScript `file`")
 	fs.StringVar(&o.state, "state", "build/finetune/state.pt", "output state dict `file`")
+
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -66,6 +68,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.steps < 1 {
 		return o, fmt.Errorf("-steps must be at least 1, got %d", o.steps)
 	}
+
 	for _, field := range strings.Split(input, ",") {
 		n, err := strconv.ParseInt(strings.TrimSpace(field), 10, 64)
 		if err != nil || n < 1 {
@@ -104,20 +107,20 @@ func forwardOne(outputs []*torch.Tensor, err error) (*torch.Tensor, error) {
 	return outputs[0], nil
 }
 
-// student restructures a copy of the teacher and loads the decomposed
-// weights into it.
-func student(teacher *torch.Module, o options, stdout io.Writer) (*torch.Module, error) {
-	copied, err := teacher.Clone()
+// student loads the model a second time, restructures it and loads the
+// decomposed weights into it.
+func student(o options, stdout io.Writer) (*torch.Module, error) {
+	loaded, err := torch.Load(o.model)
 	if err != nil {
 		return nil, err
 	}
-	model, changes, err := decompose.Network(copied, o.info)
+	model, changes, err := decompose.Network(loaded, o.info)
 	if err != nil {
-		copied.Close()
+		loaded.Close()
 		return nil, err
 	}
-	if model != copied {
-		copied.Close() // the model itself was the Conv2d: Network returned a new module
+	if model != loaded {
+		loaded.Close() // the model itself was the Conv2d: Network returned a new module
 	}
 	fmt.Fprintf(stdout, "replaced %d layers\n", len(changes))
 
@@ -190,7 +193,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if err := teacher.Eval(); err != nil {
 		return err
 	}
-	model, err := student(teacher, o, stdout)
+	model, err := student(o, stdout)
 	if err != nil {
 		return err
 	}
