@@ -4,7 +4,10 @@
 //
 // Usage:
 //
-//	convsplit apply -model IN.pt -info INFO.json -o OUT.pt [-changes CHANGES.json] [-seed N] [-dry-run]
+//	convsplit apply   -model IN.pt -info INFO.json -o OUT.pt [-changes CHANGES.json] [-seed N] [-weights STATE.pt] [-dry-run] [-in-place] [-v]
+//	convsplit auto    -model IN.pt -o OUT.pt -info-out INFO.json [-v]
+//	convsplit inspect -model IN.pt [-info INFO.json] [-input 1x3x224x224]
+//	convsplit bench   -model IN.pt -info INFO.json [-input ...] [-runs N] [-json] [-svg PLOT.svg]
 //
 // Exit status: 0 on success, 1 when the job fails, 2 for usage errors.
 package main
