@@ -63,10 +63,6 @@ func fuzzNewElements(info *decompose.Info) int64 {
 // and must then leave the model's modules and state dict as they were. When
 // it succeeds, every listed layer must have become a Sequential of two
 // Conv2d layers; the model is then loaded again.
-//
-// NOTE: the model is reloaded rather than copied with Clone, because every
-// Clone leaves about 250 kB of class types and methods in the original's
-// compilation unit, which a long fuzzing session would pile up.
 func FuzzNetworkInfo(f *testing.F) {
 	path := testutil.Fixture(f, "mixed")
 	work, err := torch.Load(path)

@@ -112,7 +112,8 @@ func BenchmarkNetwork(b *testing.B) {
 
 // BenchmarkNetworkLayers restructures resnet50 with the first 1, 10 and all
 // entries of its information file, to show how the time grows with the
-// number of layers.
+// number of layers. Each count runs Network and, for comparison, the draws
+// of the same layers alone.
 func BenchmarkNetworkLayers(b *testing.B) {
 	model := loadBenchModel(b, benchFixture(b, "resnet50"))
 	info, err := decompose.ReadInfo(testutil.AMCT("resnet50", "decompose_info.json"))
@@ -121,54 +122,73 @@ func BenchmarkNetworkLayers(b *testing.B) {
 	}
 	dir := b.TempDir()
 	for _, n := range []int{1, 10, len(info.Entries)} {
-		b.Run(strconv.Itoa(n), func(b *testing.B) {
-			truncated := &decompose.Info{Entries: info.Entries[:n]}
-			path := filepath.Join(dir, "first"+strconv.Itoa(n)+".json")
-			if err := truncated.WriteFile(path); err != nil {
-				b.Fatal(err)
-			}
+		truncated := &decompose.Info{Entries: info.Entries[:n]}
+		path := filepath.Join(dir, "first"+strconv.Itoa(n)+".json")
+		if err := truncated.WriteFile(path); err != nil {
+			b.Fatal(err)
+		}
+		b.Run(strconv.Itoa(n)+"/network", func(b *testing.B) {
 			benchmarkNetwork(b, model, path, n)
+		})
+		b.Run(strconv.Itoa(n)+"/draws", func(b *testing.B) {
+			benchmarkDraws(b, model, path)
 		})
 	}
 }
 
-// BenchmarkNetworkDraws times what Network spends drawing weights: making
-// the same new Conv2d layers through a builder whose layer types are already
-// compiled, so each iteration costs the draws, object creation and one cgo
-// call per layer.
+// BenchmarkNetworkDraws times what Network spends drawing weights (see
+// benchmarkDraws).
 func BenchmarkNetworkDraws(b *testing.B) {
 	for _, name := range []string{"resnet50", "vgg16"} {
 		b.Run(name, func(b *testing.B) {
-			model := loadBenchModel(b, benchFixture(b, name))
-			specs := benchLayerSpecs(b, model, testutil.AMCT(name, "decompose_info.json"))
-			builder, err := torch.NewBuilder(model)
+			benchmarkDraws(b, loadBenchModel(b, benchFixture(b, name)), testutil.AMCT(name, "decompose_info.json"))
+		})
+	}
+}
+
+// benchmarkDraws makes the new Conv2d layers that Network makes for the
+// information file through a builder whose layer types are already
+// compiled, so each iteration costs the draws, object creation and one cgo
+// call per layer. It reports the fastest iteration (min-ns/op), the CPU time
+// per iteration (cpu-ns/op) and the number of weights drawn (weights/op).
+func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
+	specs := benchLayerSpecs(b, model, infoPath)
+	builder, err := torch.NewBuilder(model)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer builder.Close()
+	makeAll := func() {
+		for _, spec := range specs {
+			m, err := builder.Conv2d(spec)
 			if err != nil {
 				b.Fatal(err)
 			}
-			defer builder.Close()
-			makeAll := func() {
-				for _, spec := range specs {
-					m, err := builder.Conv2d(spec)
-					if err != nil {
-						b.Fatal(err)
-					}
-					m.Close()
-				}
-			}
-			makeAll() // compiles the types
-			fastest := time.Duration(math.MaxInt64)
-			b.ResetTimer()
-			startCPU := cpuTime(b)
-			for i := 0; i < b.N; i++ {
-				start := time.Now()
-				makeAll()
-				fastest = min(fastest, time.Since(start))
-			}
-			b.StopTimer()
-			b.ReportMetric(float64((cpuTime(b)-startCPU).Nanoseconds())/float64(b.N), "cpu-ns/op")
-			b.ReportMetric(float64(fastest.Nanoseconds()), "min-ns/op")
-		})
+			m.Close()
+		}
 	}
+	makeAll() // compiles the types
+
+	fastest := time.Duration(math.MaxInt64)
+	b.ResetTimer()
+	startCPU := cpuTime(b)
+	for i := 0; i < b.N; i++ {
+		start := time.Now()
+		makeAll()
+		fastest = min(fastest, time.Since(start))
+	}
+	b.StopTimer()
+	b.ReportMetric(float64((cpuTime(b)-startCPU).Nanoseconds())/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64(fastest.Nanoseconds()), "min-ns/op")
+
+	var weights int
+	for _, spec := range specs {
+		weights += spec.OutChannels * spec.InChannels / spec.Groups * spec.KernelSize[0] * spec.KernelSize[1]
+		if spec.Bias {
+			weights += spec.OutChannels
+		}
+	}
+	b.ReportMetric(float64(weights), "weights/op")
 }
 
 // benchLayerSpecs returns the specs of the layers Network makes for the

@@ -34,7 +34,7 @@ func parseBenchFlags(args []string, stderr io.Writer) (benchFlags, error) {
 	fs.StringVar(&f.model, "model", "", "TorchScript `file` to restructure (required)")
 	fs.StringVar(&f.info, "info", "", "AMCT decomposition-information `file` (required)")
 	fs.StringVar(&input, "input", "", "input `sizes` of the forward passes, such as 1x3x224x224 (default: 1, the first Conv2d's input channels, 224, 224)")
-	fs.IntVar(&f.runs, "runs", 20, "timed forward passes per model and per layer, `N` >= 1")
+	fs.IntVar(&f.runs, "runs", 20, "timed forward passes of each model and each layer, before and after alternating, `N` >= 1")
 	fs.IntVar(&f.warmup, "warmup", 3, "untimed forward passes before the timed ones, `N` >= 0")
 	fs.IntVar(&f.threads, "threads", 0, "libtorch intra-op threads, `N` (default: libtorch's own choice)")
 	fs.Int64Var(&f.seed, "seed", 0, "seed torch's generator with `N` before restructuring")
@@ -403,30 +403,41 @@ func randomInput(sizes []int64, dtype string) (*torch.Tensor, error) {
 	return nil, fmt.Errorf("forward passes with %s inputs are not supported; bench supports float32 and float64 models", dtype)
 }
 
-// timeForward runs m's forward warmup times untimed, then runs times timed.
-func timeForward(m *torch.Module, input *torch.Tensor, warmup, runs int) (latency, error) {
-	once := func() (time.Duration, error) {
-		start := time.Now()
-		outputs, err := m.Forward(input)
-		elapsed := time.Since(start)
-		for _, o := range outputs {
-			o.Close()
-		}
-		return elapsed, err
+// forwardOnce times one forward pass of m.
+func forwardOnce(m *torch.Module, input *torch.Tensor) (time.Duration, error) {
+	start := time.Now()
+	outputs, err := m.Forward(input)
+	elapsed := time.Since(start)
+	for _, o := range outputs {
+		o.Close()
 	}
+	return elapsed, err
+}
+
+// timeForwardPair times the forward passes of before and after on the same
+// input: warmup untimed passes of each, then runs timed passes of each,
+// alternating, so that a change in the machine's load reaches both sides
+// alike.
+func timeForwardPair(before, after *torch.Module, input *torch.Tensor, warmup, runs int) (latency, latency, error) {
+	modules := [2]*torch.Module{before, after}
 	for i := 0; i < warmup; i++ {
-		if _, err := once(); err != nil {
-			return latency{}, err
+		for _, m := range modules {
+			if _, err := forwardOnce(m, input); err != nil {
+				return latency{}, latency{}, err
+			}
 		}
 	}
-	times := make([]time.Duration, runs)
-	for i := range times {
-		var err error
-		if times[i], err = once(); err != nil {
-			return latency{}, err
+	var times [2][]time.Duration
+	for i := 0; i < runs; i++ {
+		for side, m := range modules {
+			elapsed, err := forwardOnce(m, input)
+			if err != nil {
+				return latency{}, latency{}, err
+			}
+			times[side] = append(times[side], elapsed)
 		}
 	}
-	return summarize(times), nil
+	return summarize(times[0]), summarize(times[1]), nil
 }
 
 // timeModels times eval-mode forward passes of the original and the
@@ -442,11 +453,9 @@ func timeModels(model, result *torch.Module, f benchFlags, report *benchReport) 
 			return err
 		}
 	}
-	if report.LatencyBefore, err = timeForward(model, input, f.warmup, f.runs); err != nil {
-		return fmt.Errorf("forward of the original model: %w", err)
-	}
-	if report.LatencyAfter, err = timeForward(result, input, f.warmup, f.runs); err != nil {
-		return fmt.Errorf("forward of the restructured model: %w", err)
+	report.LatencyBefore, report.LatencyAfter, err = timeForwardPair(model, result, input, f.warmup, f.runs)
+	if err != nil {
+		return fmt.Errorf("forward passes of the models: %w", err)
 	}
 	report.LatencyBeforeMs, report.LatencyAfterMs = report.LatencyBefore.Median, report.LatencyAfter.Median
 	return nil
@@ -471,21 +480,19 @@ func timeLayer(model, result *torch.Module, r replacedLayer, before *modelCost, 
 	}
 	defer input.Close()
 
-	for i, m := range []*torch.Module{model, result} {
-		sub, err := m.Submodule(r.Name)
-		if err != nil {
-			return layer, err
-		}
-		l, err := timeForward(sub, input, f.warmup, f.runs)
-		sub.Close()
-		if err != nil {
-			return layer, fmt.Errorf("layer %s: %w", displayLayer(r.Name), err)
-		}
-		if i == 0 {
-			layer.LatencyBefore = l
-		} else {
-			layer.LatencyAfter = l
-		}
+	oldLayer, err := model.Submodule(r.Name)
+	if err != nil {
+		return layer, err
+	}
+	defer oldLayer.Close()
+	newLayer, err := result.Submodule(r.Name)
+	if err != nil {
+		return layer, err
+	}
+	defer newLayer.Close()
+	layer.LatencyBefore, layer.LatencyAfter, err = timeForwardPair(oldLayer, newLayer, input, f.warmup, f.runs)
+	if err != nil {
+		return layer, fmt.Errorf("layer %s: %w", displayLayer(r.Name), err)
 	}
 	layer.LatencyBeforeMs, layer.LatencyAfterMs = layer.LatencyBefore.Median, layer.LatencyAfter.Median
 	layer.MeasuredForward = true
@@ -494,7 +501,7 @@ func timeLayer(model, result *torch.Module, r replacedLayer, before *modelCost, 
 
 func printBench(w io.Writer, r benchReport) {
 	fmt.Fprintf(w, "model %s, information file %s\n\n", r.Model, r.Info)
-	fmt.Fprintf(w, "input %s (%s), %d intra-op threads (at::get_num_threads), %d timed runs after %d warm-up runs\n\n",
+	fmt.Fprintf(w, "input %s (%s), %d intra-op threads (at::get_num_threads), %d timed runs after %d warm-up runs, alternating before and after\n\n",
 		formatShape(r.Input), r.DType, r.Threads, r.Runs, r.Warmup)
 
 	fmt.Fprintln(w, "| step | ms |")
