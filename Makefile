@@ -20,7 +20,7 @@ build/Makefile: CMakeLists.txt
 # The stamp file tells Go's build cache that the static library changed,
 # since cgo does not hash the libraries it links.
 $(SHIM): build/Makefile $(SHIM_SOURCES)
-	$(MAKE) -C build --no-print-directory shim
+	$(MAKE) -C build --no-print-directory -j2 shim
 	@printf 'package torch\n\n// shimStamp changes whenever build/libshim.a does, so that Go'"'"'s build cache\n// relinks programs against the new library.\nconst shimStamp = "%s"\n' \
 		"$$(sha256sum $(SHIM) | cut -c1-16)" > torch/shim_stamp.go
 
@@ -38,6 +38,11 @@ vet: shim
 
 test: build fixtures vet
 	CONVSPLIT_FIXTURES=$(abspath $(FIXTURES)) $(GO) test -count=1 ./...
+	@echo "race detector on concurrent Network calls"
+	CONVSPLIT_FIXTURES=$(abspath $(FIXTURES)) $(GO) test -count=1 -race -run Concurrent ./decompose/
+	@echo "fuzz smoke runs of the information-file parser and validation"
+	CONVSPLIT_FIXTURES=$(abspath $(FIXTURES)) $(GO) test -run '^$$' -fuzz '^FuzzParseInfo$$' -fuzztime 10s -parallel 1 ./decompose/
+	CONVSPLIT_FIXTURES=$(abspath $(FIXTURES)) $(GO) test -run '^$$' -fuzz '^FuzzNetworkInfo$$' -fuzztime 10s -parallel 1 ./decompose/
 
 run: build
 	bash scripts/demo.sh

@@ -293,6 +293,12 @@ ConvGeometry readGeometry(const Module& m) {
 
   if (m.type()->findConstant("kernel_size").has_value()) {
     readScripted(m, g);
+    // The constants describe the layer only if the weight agrees with them.
+    TORCH_CHECK(g.groups > 0 && weight.size(0) == g.out_channels && weight.size(1) * g.groups == g.in_channels &&
+                    weight.size(2) == g.kernel_size[0] && weight.size(3) == g.kernel_size[1],
+                "Conv2d weight of shape ", weight.sizes(), " does not match its constants in_channels=",
+                g.in_channels, ", out_channels=", g.out_channels, ", groups=", g.groups, ", kernel_size=(",
+                g.kernel_size[0], ", ", g.kernel_size[1], ")");
     auto biasSlot = m.type()->findAttributeSlot("bias");
     g.bias = biasSlot.has_value() && m._ivalue()->getSlot(*biasSlot).isTensor();
   } else {

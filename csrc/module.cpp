@@ -1,8 +1,11 @@
 // module.cpp: loading, saving and reading TorchScript modules, and tensors.
 #include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/torch.h>
 
+#include <cerrno>
+#include <cstdio>
 #include <unordered_map>
 
 #include "internal.h"
@@ -200,7 +203,24 @@ int cs_module_load(const char* path, cs_module** out, char** err) {
 int cs_module_save(cs_module* m, const char* path, char** err) {
   return guard(err, [&] {
     torch::jit::ExtraFilesMap none;
-    m->module.save(path, m->extra_files ? *m->extra_files : none);
+    std::unique_ptr<FILE, int (*)(FILE*)> file(std::fopen(path, "wb"), &std::fclose);
+    TORCH_CHECK(file != nullptr, "opening '", path, "' failed: ", std::strerror(errno));
+
+    // libtorch's archive writer throws on a short write and then throws
+    // again from its destructor, which ends the process. So the writer
+    // reports every write as complete and keeps the first error instead.
+    int writeError = 0;
+    auto write = [&](const void* data, size_t size) -> size_t {
+      if (writeError == 0 && size > 0 && std::fwrite(data, 1, size, file.get()) != size) {
+        writeError = errno != 0 ? errno : EIO;
+      }
+      return size;
+    };
+    torch::jit::ExportModule(m->module, write, m->extra_files ? *m->extra_files : none);
+    if (writeError == 0 && std::fflush(file.get()) != 0) writeError = errno != 0 ? errno : EIO;
+    FILE* raw = file.release();
+    if (std::fclose(raw) != 0 && writeError == 0) writeError = errno != 0 ? errno : EIO;
+    TORCH_CHECK(writeError == 0, "writing '", path, "' failed: ", std::strerror(writeError));
   });
 }
 

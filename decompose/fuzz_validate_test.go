@@ -57,12 +57,12 @@ func fuzzNewElements(info *decompose.Info) int64 {
 	return total
 }
 
-// FuzzNetworkInfo runs NetworkInfo with every fuzzed information file that
-// ParseInfo accepts, on the mixed fixture. NetworkInfo must not
-// panic, must fail with an error that wraps a sentinel and names the file,
-// and must then leave the model's modules and state dict as they were. When
-// it succeeds, every listed layer must have become a Sequential of two
-// Conv2d layers; the model is then loaded again.
+// FuzzNetworkInfo runs NetworkInfo on the mixed fixture with every fuzzed
+// information file that ParseInfo accepts. NetworkInfo must not panic. When
+// it fails, the error must wrap a sentinel and name the file, and the
+// model's modules and state dict must be as they were. When it succeeds,
+// every listed layer must have become a Sequential of two Conv2d layers,
+// and the model is loaded again for the next input.
 func FuzzNetworkInfo(f *testing.F) {
 	path := testutil.Fixture(f, "mixed")
 	work, err := torch.Load(path)

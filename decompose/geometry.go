@@ -41,7 +41,9 @@ func (e Entry) Rank() int {
 //   - the shapes fit the layer and the mode (ErrInconsistentShapes):
 //     first.in == in_channels, last.out == out_channels, last.in ==
 //     first.out (the rank), and the kernels are (kh, 1) then (1, kw) in SCFK
-//     and FCSK, or (1, kw) then (kh, 1) in FCFK and SCSK.
+//     and FCSK, or (1, kw) then (kh, 1) in FCFK and SCSK, and the rank is at
+//     most the pair's full rank, min(in_channels x first kernel size,
+//     out_channels x last kernel size).
 func (e Entry) Check() error {
 	if err := e.checkRanges(); err != nil {
 		return err
@@ -86,6 +88,14 @@ func (e Entry) Check() error {
 					name, kernel.got[axis], kernel.want[axis], e.Mode, e.Layer.KernelSize)
 			}
 		}
+	}
+
+	// A rank above the pair's full rank adds nothing but size, and a small
+	// file could otherwise demand gigabytes of new weights.
+	fullRank := min(first[1]*first[2]*first[3], last[0]*last[2]*last[3])
+	if first[0] > fullRank {
+		return e.errorf("decom_nodes.first.weight_shape[0]", ErrInconsistentShapes,
+			"rank %d exceeds the layer's full rank %d", first[0], fullRank)
 	}
 	return nil
 }

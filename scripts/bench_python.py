@@ -21,9 +21,13 @@ is removed at the end.
   python import      a process that only imports torch: the part of the RSS above
                      that is not the model, and the start-up time of the processes
                      above (each python row also gives its whole process's time)
+  convsplit help     BIN help: the start-up of a convsplit process, most of it
+                     loading libtorch's shared libraries and running their static
+                     initializers
   convsplit apply    BIN apply -model MODEL -info INFO -o OUT under /usr/bin/time -v:
                      wall-clock time of the whole process (start-up and libtorch's
-                     loading included) and "Maximum resident set size"
+                     loading included) and "Maximum resident set size"; minus the
+                     start-up's median, an estimate of its in-process time
 
 decompose times, in one process, N runs (default 20) after one warm-up run on the
 eager zoo model NAME of testdata/amct/zoo_models.py with its decompose_info.json:
@@ -120,6 +124,13 @@ def run_apply(binary, model, info, out):
     return {'wall_s': wall, 'peak_rss_mb': rss}
 
 
+def run_startup(binary):
+    """Time `convsplit help`, which only starts the process and loads libtorch."""
+    start = time.perf_counter()
+    subprocess.run([binary, 'help'], check=True, capture_output=True)
+    return {'wall_s': time.perf_counter() - start}
+
+
 def median_record(records):
     """Return the median of every field over the records."""
     return {key: statistics.median(r[key] for r in records) for key in records[0]}
@@ -136,13 +147,14 @@ def measure(args, workdir):
         'torch': subprocess.run([PYTHON, '-c', 'import torch; print(torch.__version__)'],
                                 check=True, capture_output=True, text=True).stdout.strip(),
     }
-    records = {'python_import': [], 'python_load_save': [], 'python_load_save_fsync': [], 'convsplit_apply': []}
     measurements = (
         ('python_import', lambda: run_child('_import')),
         ('python_load_save', lambda: run_child('_load_save', args.model, out, '0')),
         ('python_load_save_fsync', lambda: run_child('_load_save', args.model, out, '1')),
+        ('convsplit_startup', lambda: run_startup(args.convsplit)),
         ('convsplit_apply', lambda: run_apply(args.convsplit, args.model, args.info, out)),
     )
+    records = {key: [] for key, _ in measurements}
     # Rounds interleave the measurements, and os.sync() before each one writes
     # back what earlier runs left in the page cache, so that no run pays for
     # the write-back of another.
@@ -157,6 +169,9 @@ def measure(args, workdir):
     results['time_ratio'] = apply['wall_s'] / python['total_s']
     results['time_ratio_fsync'] = apply['wall_s'] / results['python_load_save_fsync']['total_s']
     results['process_ratio'] = apply['wall_s'] / python['process_s']
+    # An estimate: the medians of two different runs are subtracted.
+    results['apply_after_startup_s'] = apply['wall_s'] - results['convsplit_startup']['wall_s']
+    results['time_ratio_after_startup'] = results['apply_after_startup_s'] / python['total_s']
     results['memory_limit_mb'] = 1.5 * results['file_mb'] + 300
     return results
 
@@ -173,11 +188,14 @@ def print_markdown(r):
           % (ls['total_s'], ls['load_s'], ls['save_s'], ls['process_s'], ls['peak_rss_mb']))
     print('| python: torch.jit.load + save + fsync | %.2f (load %.2f, save %.2f) | %.2f | %.0f |'
           % (lsf['total_s'], lsf['load_s'], lsf['save_s'], lsf['process_s'], lsf['peak_rss_mb']))
-    print('| convsplit apply | | %.2f | %.0f |'
-          % (r['convsplit_apply']['wall_s'], r['convsplit_apply']['peak_rss_mb']))
+    print('| convsplit help (start-up only) | | %.2f | |' % r['convsplit_startup']['wall_s'])
+    print('| convsplit apply | (%.2f after start-up, estimate) | %.2f | %.0f |'
+          % (r['apply_after_startup_s'], r['convsplit_apply']['wall_s'], r['convsplit_apply']['peak_rss_mb']))
     print()
     print('convsplit apply (whole process) / python load+save (in-process): %.2fx, %.2fx against the fsync variant'
           % (r['time_ratio'], r['time_ratio_fsync']))
+    print('convsplit apply after start-up (estimate) / python load+save (in-process): %.2fx'
+          % r['time_ratio_after_startup'])
     print('convsplit apply / python load+save, both whole processes: %.2fx' % r['process_ratio'])
     print('convsplit apply peak RSS: %.0f MB; 1.5 x file size + 300 MB = %.0f MB'
           % (r['convsplit_apply']['peak_rss_mb'], r['memory_limit_mb']))

@@ -84,14 +84,23 @@ func (m *Module) Save(path string) error {
 		return err
 	}
 	defer runtime.KeepAlive(m)
-	// The temporary file sits in a fresh folder beside path and has path's
-	// base name, because libtorch names the archive's top folder after it.
-	tmpDir, err := os.MkdirTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
 		return fmt.Errorf("save %s: %w", path, err)
 	}
-	defer os.RemoveAll(tmpDir)
-	tmpName := filepath.Join(tmpDir, filepath.Base(path))
+	tmpName := tmp.Name()
+	tmp.Close()
+	defer os.Remove(tmpName) // fails harmlessly after the rename
+
+	// A replaced file keeps its permissions, so that saving in place does
+	// not make a private model readable to others.
+	mode := os.FileMode(0o644)
+	if old, err := os.Stat(path); err == nil && old.Mode().IsRegular() {
+		mode = old.Mode().Perm()
+	}
+	if err := os.Chmod(tmpName, mode); err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
 
 	cpath := C.CString(tmpName)
 	defer C.free(unsafe.Pointer(cpath))

@@ -150,17 +150,28 @@ func runApply(args []string, stdout, stderr io.Writer) error {
 		return nil
 	}
 
-	if err := result.Save(f.out); err != nil {
-		return err
-	}
-	fmt.Fprintf(stdout, "wrote %s\n", f.out)
+	// The changes file is written out before the model is saved and renamed
+	// into place after, so that a folder that cannot take it fails the job
+	// before the output model is replaced.
+	var changesTmp string
 	if f.changes != "" {
 		data, err := changes.MarshalJSON()
 		if err != nil {
 			return err
 		}
-		if err := writeFileAtomic(f.changes, append(data, '\n')); err != nil {
-			return fmt.Errorf("writing changes: %w", err)
+		if changesTmp, err = stageFile(f.changes, append(data, '\n')); err != nil {
+			return fmt.Errorf("writing changes %s: %w", f.changes, err)
+		}
+		defer os.Remove(changesTmp) // fails harmlessly after the rename
+	}
+
+	if err := result.Save(f.out); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "wrote %s\n", f.out)
+	if f.changes != "" {
+		if err := os.Rename(changesTmp, f.changes); err != nil {
+			return fmt.Errorf("writing changes %s: %w", f.changes, err)
 		}
 		fmt.Fprintf(stdout, "wrote %s\n", f.changes)
 	}
@@ -207,21 +218,37 @@ func printChanges(w io.Writer, changes decompose.Changes) {
 // writeFileAtomic writes data to a temporary file beside path and renames
 // it, so path never holds a partial file.
 func writeFileAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	tmp, err := stageFile(path, data)
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
 		return err
 	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
+	return nil
+}
+
+// stageFile writes data to a synced temporary file beside path and returns
+// its name; renaming it to path completes the write.
+func stageFile(path string, data []byte) (string, error) {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return "", err
 	}
-	if err := tmp.Close(); err != nil {
-		return err
+	_, err = tmp.Write(data)
+	if err == nil {
+		err = tmp.Sync()
 	}
-	return os.Rename(tmp.Name(), path)
+	if closeErr := tmp.Close(); err == nil {
+		err = closeErr
+	}
+	if err == nil {
+		err = os.Chmod(tmp.Name(), 0o644)
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+		return "", err
+	}
+	return tmp.Name(), nil
 }

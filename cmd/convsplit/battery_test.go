@@ -220,8 +220,6 @@ func batteryCases(t *testing.T) []batteryCase {
 			name: "layer constants disagree with its weight", model: "wrong_constants.pt",
 			info:   "[" + strings.NewReplacer(`"in_channels": 8`, `"in_channels": 4`, "[4, 8, 3, 1]", "[4, 4, 3, 1]").Replace(smallConvEntry) + "]",
 			status: 1, message: []string{"conv", "in_channels"},
-			knownBug: "convsplit trusts the in_channels constant (4) over the weight (8 input channels) " +
-				"and writes a model whose forward fails, although the input model runs",
 		},
 
 		// Information files.
@@ -354,9 +352,7 @@ func batteryCases(t *testing.T) []batteryCase {
 				mountTmpfs(t, filepath.Join(c.work, "out"), "size=256k")
 				require.NoError(t, os.WriteFile(c.out, []byte("old output\n"), 0o644))
 			},
-			status: 1, message: []string{"decomposed.pt", "no space left"},
-			knownBug: "libtorch's PyTorchStreamWriter throws again from its destructor after a failed write, " +
-				"which calls std::terminate: the process aborts with a C++ backtrace and leaves its temporary folder",
+			status: 1, message: []string{"decomposed.pt", "No space left"},
 		},
 		{
 			name: "changes folder missing",
@@ -367,8 +363,6 @@ func batteryCases(t *testing.T) []batteryCase {
 				return c.apply("-changes", filepath.Join(c.work, "out", "missing", "changes.json"))
 			},
 			status: 1, message: []string{"changes.json", "no such file"},
-			knownBug: "apply saves the model before it writes the changes, so a failing -changes path " +
-				"exits with status 1 after the old output was already replaced",
 		},
 	}
 }

@@ -30,13 +30,13 @@ func mixedBenchArgs(t *testing.T, extra ...string) []string {
 		"-input", "1x3x16x16", "-runs", "3", "-warmup", "1"}, extra...)
 }
 
-func assertLatency(t *testing.T, l latency, runs int, what string) {
+func assertLatency(t *testing.T, l latency, runs int, label string) {
 	t.Helper()
-	assert.Equal(t, runs, l.Runs, what)
-	assert.Positive(t, l.Min, what)
-	assert.LessOrEqual(t, l.Min, l.Median, what)
-	assert.LessOrEqual(t, l.Median, l.P90, what)
-	assert.LessOrEqual(t, l.P90, l.Max, what)
+	assert.Equal(t, runs, l.Runs, label)
+	assert.Positive(t, l.Min, label)
+	assert.LessOrEqual(t, l.Min, l.Median, label)
+	assert.LessOrEqual(t, l.Median, l.P90, label)
+	assert.LessOrEqual(t, l.P90, l.Max, label)
 }
 
 func TestBenchJSON(t *testing.T) {
@@ -232,5 +232,17 @@ func TestNiceTicks(t *testing.T) {
 		step, top := niceTicks(tt.max)
 		assert.InDelta(t, tt.step, step, 1e-12, "step for %v", tt.max)
 		assert.InDelta(t, tt.top, top, 1e-9, "top for %v", tt.max)
+	}
+}
+
+func TestFormatMs(t *testing.T) {
+	tests := []struct {
+		ms   float64
+		want string
+	}{
+		{9.9999, "10"}, {9.82, "9.82"}, {35.43, "35.4"}, {0.0483, "0.0483"}, {123.4, "123"}, {1500, "1500"},
+	}
+	for _, tt := range tests {
+		assert.Equal(t, tt.want, formatMs(tt.ms), "latency %v", tt.ms)
 	}
 }

@@ -18,6 +18,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/signal"
+	"syscall"
 )
 
 // errUsage marks errors in the command line; they exit with status 2.
@@ -37,6 +39,9 @@ var commands = []command{
 }
 
 func main() {
+	// With SIGPIPE ignored, a closed stdout (convsplit apply ... | head)
+	// makes writes fail instead of killing the job before it saves.
+	signal.Ignore(syscall.SIGPIPE)
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"path/filepath"
+	"strconv"
 )
 
 // Chart layout in SVG user units (pixels at 100% zoom).
@@ -134,14 +135,13 @@ func formatTick(v, step float64) string {
 	return fmt.Sprintf("%.*f", decimals, v)
 }
 
+// formatMs writes a latency with three significant digits, such as 9.82,
+// 35.4 or 123.
 func formatMs(v float64) string {
-	switch {
-	case v >= 100:
-		return fmt.Sprintf("%.0f", v)
-	case v >= 10:
-		return fmt.Sprintf("%.1f", v)
+	if v >= 99.5 {
+		return strconv.FormatFloat(v, 'f', 0, 64)
 	}
-	return fmt.Sprintf("%.2f", v)
+	return strconv.FormatFloat(v, 'g', 3, 64)
 }
 
 func escape(s string) string {
