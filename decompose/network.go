@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
+	"strings"
 
 	"github.com/convsplit/convsplit/torch"
 )
@@ -154,14 +155,6 @@ func planLayers(model *torch.Module, info *Info, source string) ([]plannedLayer,
 	if err := info.Check(); err != nil {
 		return nil, fmt.Errorf("%s: %w", source, err)
 	}
-	modules, err := model.NamedModules()
-	if err != nil {
-		return nil, err
-	}
-	byName := make(map[string]torch.ModuleInfo, len(modules))
-	for _, m := range modules {
-		byName[m.Name] = m
-	}
 
 	layers := make([]plannedLayer, 0, len(info.Entries))
 	planned := false
@@ -179,15 +172,17 @@ func planLayers(model *torch.Module, info *Info, source string) ([]plannedLayer,
 			return nil, wrap(ErrInvalidInfo, "ori_layer_info.name",
 				"the model itself is listed together with %d other layers", len(info.Entries)-1)
 		}
-		m, ok := byName[e.Layer.Name]
-		if !ok {
+		sub, m, found := lookUpLayer(model, e.Layer.Name)
+		if !found {
 			return nil, wrap(ErrLayerNotFound, "ori_layer_info.name",
 				"the model has no module of this name (a model frozen with torch.jit.freeze has no layers left)")
 		}
 		if !m.Conv2d {
+			sub.Close()
 			return nil, wrap(ErrNotConv2d, "ori_layer_info.name", "the module is a %s (%s), not a torch.nn.Conv2d", m.Class, m.Type)
 		}
-		l, err := planLayer(model, e)
+		l, err := planLayer(sub, e)
+		sub.Close()
 		if err != nil {
 			var ie *infoError
 			if errors.As(err, &ie) {
@@ -205,12 +200,26 @@ func planLayers(model *torch.Module, info *Info, source string) ([]plannedLayer,
 	return layers, nil
 }
 
-func planLayer(model *torch.Module, e Entry) (plannedLayer, error) {
-	sub, err := model.Submodule(e.Layer.Name)
-	if err != nil {
-		return plannedLayer{}, err
+// lookUpLayer returns the module at a dotted path and its description. Only
+// the module itself is described, not the whole model, which keeps the cost
+// of Network in the layers it changes.
+func lookUpLayer(model *torch.Module, name string) (*torch.Module, torch.ModuleInfo, bool) {
+	if strings.ContainsRune(name, 0) {
+		return nil, torch.ModuleInfo{}, false // C strings would cut the name short
 	}
-	defer sub.Close()
+	sub, err := model.Submodule(name)
+	if err != nil {
+		return nil, torch.ModuleInfo{}, false
+	}
+	modules, err := sub.NamedModules()
+	if err != nil || len(modules) == 0 {
+		sub.Close()
+		return nil, torch.ModuleInfo{}, false
+	}
+	return sub, modules[0], true
+}
+
+func planLayer(sub *torch.Module, e Entry) (plannedLayer, error) {
 	conv, err := sub.Conv2d()
 	if err != nil {
 		return plannedLayer{}, err
