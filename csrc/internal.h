@@ -57,6 +57,7 @@ std::vector<std::string> splitPath(const std::string& path);
 torch::jit::Module findSubmodule(const torch::jit::Module& root, const std::string& path);
 std::string unmangledName(const c10::ClassTypePtr& type);
 bool isConv2dType(const c10::ClassTypePtr& type);
+void flattenOutputs(const c10::IValue& v, std::vector<at::Tensor>& out);
 
 // JsonWriter appends JSON values to a string; it knows only what the shim needs.
 class JsonWriter {

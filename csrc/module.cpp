@@ -116,6 +116,23 @@ bool isConv2dType(const c10::ClassTypePtr& type) {
   return unmangledName(type) == "__torch__.torch.nn.modules.conv.Conv2d";
 }
 
+// flattenOutputs collects the tensors of a forward result: one tensor, or
+// the tensors of a tuple or list, in order.
+void flattenOutputs(const c10::IValue& v, std::vector<at::Tensor>& out) {
+  if (v.isTensor()) {
+    out.push_back(v.toTensor());
+  } else if (v.isTuple()) {
+    for (const auto& e : v.toTupleRef().elements()) flattenOutputs(e, out);
+  } else if (v.isTensorList()) {
+    for (const at::Tensor& t : v.toTensorVector()) out.push_back(t);
+  } else if (v.isList()) {
+    for (const auto& e : v.toListRef()) flattenOutputs(e, out);
+  } else {
+    TORCH_CHECK(false, "forward returned a ", v.tagKind(),
+                "; only tensors and tuples or lists of tensors are supported");
+  }
+}
+
 }  // namespace convsplit
 
 namespace {
@@ -159,21 +176,6 @@ void writeStateDict(JsonWriter& w, const Module& m, const std::string& prefix) {
   }
   for (const auto& child : m.named_children()) {
     writeStateDict(w, child.value, prefix + child.name + ".");
-  }
-}
-
-void flattenOutputs(const c10::IValue& v, std::vector<at::Tensor>& out) {
-  if (v.isTensor()) {
-    out.push_back(v.toTensor());
-  } else if (v.isTuple()) {
-    for (const auto& e : v.toTupleRef().elements()) flattenOutputs(e, out);
-  } else if (v.isTensorList()) {
-    for (const at::Tensor& t : v.toTensorVector()) out.push_back(t);
-  } else if (v.isList()) {
-    for (const auto& e : v.toListRef()) flattenOutputs(e, out);
-  } else {
-    TORCH_CHECK(false, "forward returned a ", v.tagKind(),
-                "; only tensors and tuples or lists of tensors are supported");
   }
 }
 
@@ -339,7 +341,7 @@ int cs_module_forward(cs_module* m, cs_tensor** inputs, int n_inputs, cs_tensor*
     torch::NoGradGuard no_grad;
     c10::IValue result = m->module.forward(args);
     std::vector<at::Tensor> tensors;
-    flattenOutputs(result, tensors);
+    convsplit::flattenOutputs(result, tensors);
     auto** handles = static_cast<cs_tensor**>(std::malloc(sizeof(cs_tensor*) * std::max<size_t>(1, tensors.size())));
     TORCH_CHECK(handles != nullptr, "out of memory");
     for (size_t i = 0; i < tensors.size(); ++i) handles[i] = new cs_tensor{tensors[i]};

@@ -17,21 +17,6 @@ struct cs_sgd {
 
 namespace {
 
-void flattenOutputs(const c10::IValue& v, std::vector<at::Tensor>& out) {
-  if (v.isTensor()) {
-    out.push_back(v.toTensor());
-  } else if (v.isTuple()) {
-    for (const auto& e : v.toTupleRef().elements()) flattenOutputs(e, out);
-  } else if (v.isTensorList()) {
-    for (const at::Tensor& t : v.toTensorVector()) out.push_back(t);
-  } else if (v.isList()) {
-    for (const auto& e : v.toListRef()) flattenOutputs(e, out);
-  } else {
-    TORCH_CHECK(false, "forward returned a ", v.tagKind(),
-                "; only tensors and tuples or lists of tensors are supported");
-  }
-}
-
 cs_tensor** allocHandles(size_t n) {
   auto** handles = static_cast<cs_tensor**>(std::malloc(sizeof(cs_tensor*) * std::max<size_t>(1, n)));
   TORCH_CHECK(handles != nullptr, "out of memory");
@@ -71,7 +56,7 @@ int cs_module_forward_train(cs_module* m, cs_tensor** inputs, int n_inputs, cs_t
     torch::AutoGradMode enable_grad(true);
     c10::IValue result = m->module.forward(args);
     std::vector<at::Tensor> tensors;
-    flattenOutputs(result, tensors);
+    convsplit::flattenOutputs(result, tensors);
     cs_tensor** handles = allocHandles(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) handles[i] = new cs_tensor{tensors[i]};
     *outputs = handles;

@@ -308,7 +308,18 @@ func (m *Module) SetParameter(name string, t *Tensor) error {
 // returns its outputs: one tensor, or the tensors of a returned tuple or
 // list in order. The caller closes the returned tensors.
 func (m *Module) Forward(inputs ...*Tensor) ([]*Tensor, error) {
-	if err := m.check("forward"); err != nil {
+	return m.runForward("forward", inputs, func(argv **C.cs_tensor, n C.int, outs ***C.cs_tensor, count *C.int, msg **C.char) C.int {
+		return C.cs_module_forward(m.ptr, argv, n, outs, count, msg)
+	})
+}
+
+// forwardCall is one of the shim's forward entry points.
+type forwardCall func(argv **C.cs_tensor, n C.int, outs ***C.cs_tensor, count *C.int, msg **C.char) C.int
+
+// runForward passes the inputs to a shim forward call and takes ownership
+// of the output tensors it returns.
+func (m *Module) runForward(op string, inputs []*Tensor, call forwardCall) ([]*Tensor, error) {
+	if err := m.check(op); err != nil {
 		return nil, err
 	}
 	defer runtime.KeepAlive(m)
@@ -316,7 +327,7 @@ func (m *Module) Forward(inputs ...*Tensor) ([]*Tensor, error) {
 	args := make([]*C.cs_tensor, len(inputs))
 	for i, t := range inputs {
 		if t == nil || t.ptr == nil {
-			return nil, fmt.Errorf("forward: input %d: %w", i, ErrClosed)
+			return nil, fmt.Errorf("%s: input %d: %w", op, i, ErrClosed)
 		}
 		args[i] = t.ptr
 	}
@@ -327,14 +338,8 @@ func (m *Module) Forward(inputs ...*Tensor) ([]*Tensor, error) {
 	var outs **C.cs_tensor
 	var n C.int
 	var msg *C.char
-	if C.cs_module_forward(m.ptr, argv, C.int(len(args)), &outs, &n, &msg) != 0 {
-		return nil, takeError("forward", msg)
+	if call(argv, C.int(len(args)), &outs, &n, &msg) != 0 {
+		return nil, takeError(op, msg)
 	}
-	defer C.cs_free(unsafe.Pointer(outs))
-	handles := unsafe.Slice(outs, int(n))
-	result := make([]*Tensor, len(handles))
-	for i, h := range handles {
-		result[i] = newTensor(h)
-	}
-	return result, nil
+	return takeHandles(outs, int(n)), nil
 }

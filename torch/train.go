@@ -28,29 +28,9 @@ func FromInt64(data []int64, shape ...int64) (*Tensor, error) {
 // autograd graph until they (and every tensor computed from them) are
 // closed.
 func (m *Module) ForwardTrain(inputs ...*Tensor) ([]*Tensor, error) {
-	if err := m.check("forward train"); err != nil {
-		return nil, err
-	}
-	defer runtime.KeepAlive(m)
-	defer runtime.KeepAlive(inputs)
-	args := make([]*C.cs_tensor, len(inputs))
-	for i, t := range inputs {
-		if t == nil || t.ptr == nil {
-			return nil, fmt.Errorf("forward train: input %d: %w", i, ErrClosed)
-		}
-		args[i] = t.ptr
-	}
-	var argv **C.cs_tensor
-	if len(args) > 0 {
-		argv = &args[0]
-	}
-	var outs **C.cs_tensor
-	var n C.int
-	var msg *C.char
-	if C.cs_module_forward_train(m.ptr, argv, C.int(len(args)), &outs, &n, &msg) != 0 {
-		return nil, takeError("forward train", msg)
-	}
-	return takeHandles(outs, int(n)), nil
+	return m.runForward("forward train", inputs, func(argv **C.cs_tensor, n C.int, outs ***C.cs_tensor, count *C.int, msg **C.char) C.int {
+		return C.cs_module_forward_train(m.ptr, argv, n, outs, count, msg)
+	})
 }
 
 // NamedTensor is a tensor with its dotted name, such as a parameter
