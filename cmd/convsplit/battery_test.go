@@ -32,11 +32,6 @@ import (
 // command's working folder, output folder included, must end as it was, so
 // no output and no temporary file is left.
 
-// knownBugsVariable names the environment variable that turns on the cases
-// marked with a known bug. They are skipped by default so that the suite
-// passes until the bug is fixed.
-const knownBugsVariable = "CONVSPLIT_KNOWN_BUGS"
-
 // crashMarkers are texts that only a crash or a leaked backtrace writes to stderr.
 var crashMarkers = []string{
 	"Exception raised from", "frame #", "terminate called", "panic:", "goroutine ",
@@ -96,9 +91,6 @@ type batteryCase struct {
 	// the command writes to stderr. With status 1 stderr must be one line.
 	status  int
 	message []string
-	// knownBug describes a bug that makes the case fail; the case is
-	// skipped unless $CONVSPLIT_KNOWN_BUGS is set.
-	knownBug string
 }
 
 // TestBattery builds the binary once and runs every case of the bad-input
@@ -124,7 +116,6 @@ func TestBattery(t *testing.T) {
 		for _, tt := range cases {
 			t.Run(tt.name, func(t *testing.T) {
 				t.Parallel()
-				skipKnownBug(t, tt.knownBug)
 				runBatteryCase(t, bin, inputs, tt)
 				assert.Equal(t, inputState, snapshotTree(t, inputs), "the input folder changed")
 			})
@@ -134,13 +125,6 @@ func TestBattery(t *testing.T) {
 		testOutputWriting(t, bin, inputs)
 		assert.Equal(t, inputState, snapshotTree(t, inputs), "the input folder changed")
 	})
-}
-
-func skipKnownBug(t *testing.T, bug string) {
-	t.Helper()
-	if bug != "" && os.Getenv(knownBugsVariable) == "" {
-		t.Skipf("known bug, set %s=1 to run: %s", knownBugsVariable, bug)
-	}
 }
 
 func runBatteryCase(t *testing.T, bin, inputs string, tt batteryCase) {
@@ -444,8 +428,6 @@ func testOutputWriting(t *testing.T, bin, inputs string) {
 	})
 
 	t.Run("replaced output keeps its mode", func(t *testing.T) {
-		skipKnownBug(t, "Module.Save renames a new file over the output, so a replaced output "+
-			"gets 0666 less the umask: -in-place turns a 0640 model into a world-readable 0644 one")
 		work := t.TempDir()
 		existing := filepath.Join(work, "existing.pt")
 		require.NoError(t, os.WriteFile(existing, oldOutput, 0o640))
