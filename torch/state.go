@@ -97,21 +97,10 @@ func (sd *StateDict) Close() {
 // Python, the tensors are detached from autograd but share storage with the
 // module, so later changes to the module show through them.
 func StateDictOf(m *Module) (*StateDict, error) {
-	if err := m.check("state dict"); err != nil {
-		return nil, err
-	}
-	defer runtime.KeepAlive(m)
-	var names *C.char
-	var handles **C.cs_tensor
-	var n C.int
-	var msg *C.char
-	if C.cs_module_state_tensors(m.ptr, &names, &handles, &n, &msg) != 0 {
-		return nil, takeError("state dict", msg)
-	}
-	tensors := takeHandles(handles, int(n))
-	var keys []string
-	if err := takeJSON("state dict", names, &keys); err != nil {
-		closeTensors(tensors)
+	keys, tensors, err := m.namedTensors("state dict", func(names **C.char, handles ***C.cs_tensor, n *C.int, msg **C.char) C.int {
+		return C.cs_module_state_tensors(m.ptr, names, handles, n, msg)
+	})
+	if err != nil {
 		return nil, err
 	}
 	sd := NewStateDict()
@@ -122,6 +111,29 @@ func StateDictOf(m *Module) (*StateDict, error) {
 }
 
 // takeHandles wraps a malloc'ed array of tensor handles and frees the array.
+// namedTensors runs a shim call that returns tensors with their names as
+// JSON, and takes ownership of both.
+func (m *Module) namedTensors(op string, call func(names **C.char, handles ***C.cs_tensor, n *C.int, msg **C.char) C.int) ([]string, []*Tensor, error) {
+	if err := m.check(op); err != nil {
+		return nil, nil, err
+	}
+	defer runtime.KeepAlive(m)
+	var names *C.char
+	var handles **C.cs_tensor
+	var n C.int
+	var msg *C.char
+	if call(&names, &handles, &n, &msg) != 0 {
+		return nil, nil, takeError(op, msg)
+	}
+	tensors := takeHandles(handles, int(n))
+	var keys []string
+	if err := takeJSON(op, names, &keys); err != nil {
+		closeTensors(tensors)
+		return nil, nil, err
+	}
+	return keys, tensors, nil
+}
+
 func takeHandles(handles **C.cs_tensor, n int) []*Tensor {
 	defer C.cs_free(unsafe.Pointer(handles))
 	out := make([]*Tensor, n)

@@ -46,21 +46,10 @@ type NamedTensor struct {
 // The tensors are the parameters themselves: an optimizer step changes the
 // module. The caller closes them.
 func (m *Module) Parameters() ([]NamedTensor, error) {
-	if err := m.check("parameters"); err != nil {
-		return nil, err
-	}
-	defer runtime.KeepAlive(m)
-	var names *C.char
-	var handles **C.cs_tensor
-	var n C.int
-	var msg *C.char
-	if C.cs_module_trainable_parameters(m.ptr, &names, &handles, &n, &msg) != 0 {
-		return nil, takeError("parameters", msg)
-	}
-	tensors := takeHandles(handles, int(n))
-	var keys []string
-	if err := takeJSON("parameters", names, &keys); err != nil {
-		closeTensors(tensors)
+	keys, tensors, err := m.namedTensors("parameters", func(names **C.char, handles ***C.cs_tensor, n *C.int, msg **C.char) C.int {
+		return C.cs_module_trainable_parameters(m.ptr, names, handles, n, msg)
+	})
+	if err != nil {
 		return nil, err
 	}
 	out := make([]NamedTensor, len(keys))
