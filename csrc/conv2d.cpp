@@ -603,6 +603,56 @@ int cs_conv2d_geometry(cs_module* m, char** json, char** err) {
   });
 }
 
+int cs_describe_layer(cs_module* root, const char* path, char** json, cs_tensor** weight, cs_tensor** bias,
+                      char** err) {
+  return guard(err, [&] {
+    *weight = nullptr;
+    *bias = nullptr;
+    JsonWriter w;
+    w.beginObject();
+    Module layer;
+    try {
+      layer = convsplit::findSubmodule(root->module, path);
+    } catch (const c10::Error&) {
+      w.key("found").value(false).endObject();
+      *json = convsplit::copyString(w.str());
+      return;
+    }
+    auto type = layer.type();
+    std::string plain = convsplit::unmangledName(type);
+    w.key("found").value(true);
+    w.key("type").value(type->name()->qualifiedName());
+    w.key("class").value(plain.substr(plain.rfind('.') + 1));
+    w.key("conv2d").value(convsplit::isConv2dType(type));
+    if (convsplit::isConv2dType(type)) {
+      std::string geometryError;
+      ConvGeometry geometry;
+      try {
+        geometry = readGeometry(layer);
+      } catch (const c10::Error& e) {
+        geometryError = convsplit::cleanMessage(e.what_without_backtrace());
+      }
+      if (geometryError.empty()) {
+        w.key("geometry");
+        convsplit::writeGeometry(w, geometry);
+      } else {
+        w.key("geometry_error").value(geometryError);
+      }
+      w.key("methods").beginArray();
+      for (const auto* fn : type->methods()) w.value(fn->name());
+      w.endArray();
+      for (const char* name : {"weight", "bias"}) {
+        auto slot = type->findAttributeSlot(name);
+        if (!slot) continue;
+        c10::IValue v = layer._ivalue()->getSlot(*slot);
+        if (v.isTensor()) *(std::string(name) == "weight" ? weight : bias) = new cs_tensor{v.toTensor()};
+      }
+    }
+    w.endObject();
+    *json = convsplit::copyString(w.str());
+  });
+}
+
 int cs_builder_new(cs_module* owner, cs_builder** out, char** err) {
   return guard(err, [&] { *out = new cs_builder{owner->module._ivalue()->compilation_unit(), {}}; });
 }

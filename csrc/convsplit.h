@@ -52,6 +52,13 @@ int cs_module_forward(cs_module* m, cs_tensor** inputs, int n_inputs,
 /* Conv2d introspection: geometry of the Conv2d module m as JSON. */
 int cs_conv2d_geometry(cs_module* m, char** json, char** err);
 
+/* Describes the module at path in one call, for planning a decomposition:
+ * JSON {found, type, class, conv2d, and for a Conv2d geometry (or
+ * geometry_error) and methods}, and the Conv2d's weight and bias (NULL when
+ * absent), which the caller frees. */
+int cs_describe_layer(cs_module* root, const char* path, char** json, cs_tensor** weight, cs_tensor** bias,
+                      char** err);
+
 /*
  * Builders make new modules in the compilation unit of an existing module,
  * so that they can join its tree. A builder compiles each distinct layer

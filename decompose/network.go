@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
-	"strings"
 
 	"github.com/convsplit/convsplit/torch"
 )
@@ -172,17 +171,18 @@ func planLayers(model *torch.Module, info *Info, source string) ([]plannedLayer,
 			return nil, wrap(ErrInvalidInfo, "ori_layer_info.name",
 				"the model itself is listed together with %d other layers", len(info.Entries)-1)
 		}
-		sub, m, found := lookUpLayer(model, e.Layer.Name)
-		if !found {
+		layer, err := model.DescribeLayer(e.Layer.Name)
+		if err != nil {
+			return nil, err
+		}
+		if !layer.Found {
 			return nil, wrap(ErrLayerNotFound, "ori_layer_info.name",
 				"the model has no module of this name (a model frozen with torch.jit.freeze has no layers left)")
 		}
-		if !m.Conv2d {
-			sub.Close()
-			return nil, wrap(ErrNotConv2d, "ori_layer_info.name", "the module is a %s (%s), not a torch.nn.Conv2d", m.Class, m.Type)
+		if !layer.Conv2d {
+			return nil, wrap(ErrNotConv2d, "ori_layer_info.name", "the module is a %s (%s), not a torch.nn.Conv2d", layer.Class, layer.Type)
 		}
-		l, err := planLayer(sub, e)
-		sub.Close()
+		l, err := planLayer(layer, e)
 		if err != nil {
 			var ie *infoError
 			if errors.As(err, &ie) {
@@ -200,33 +200,21 @@ func planLayers(model *torch.Module, info *Info, source string) ([]plannedLayer,
 	return layers, nil
 }
 
-// lookUpLayer returns the module at a dotted path and its description. Only
-// the module itself is described, not the whole model, which keeps the cost
-// of Network in the layers it changes.
-func lookUpLayer(model *torch.Module, name string) (*torch.Module, torch.ModuleInfo, bool) {
-	if strings.ContainsRune(name, 0) {
-		return nil, torch.ModuleInfo{}, false // C strings would cut the name short
-	}
-	sub, err := model.Submodule(name)
-	if err != nil {
-		return nil, torch.ModuleInfo{}, false
-	}
-	modules, err := sub.NamedModules()
-	if err != nil || len(modules) == 0 {
-		sub.Close()
-		return nil, torch.ModuleInfo{}, false
-	}
-	return sub, modules[0], true
-}
-
-func planLayer(sub *torch.Module, e Entry) (plannedLayer, error) {
-	conv, err := sub.Conv2d()
-	if err != nil {
+// planLayer checks one Conv2d against its entry and works out its new
+// layers. It takes ownership of the layer's parameter handles.
+func planLayer(layer torch.Layer, e Entry) (plannedLayer, error) {
+	fail := func(err error) (plannedLayer, error) {
+		layer.Weight.Close()
+		layer.Bias.Close()
 		return plannedLayer{}, err
 	}
+	if layer.GeometryError != "" {
+		return fail(errors.New(layer.GeometryError))
+	}
+	conv := layer.Geometry
 	dtype, err := torch.ParseDType(conv.DType)
 	if err != nil {
-		return plannedLayer{}, err
+		return fail(err)
 	}
 	orig := ConvGeometry{
 		InChannels: conv.InChannels, OutChannels: conv.OutChannels,
@@ -235,32 +223,25 @@ func planLayer(sub *torch.Module, e Entry) (plannedLayer, error) {
 	}
 	first, last, err := e.SplitGeometry(orig)
 	if err != nil {
-		return plannedLayer{}, err
+		return fail(err)
+	}
+	if layer.Weight == nil {
+		return fail(errors.New("the Conv2d has no weight"))
 	}
 
-	methods, err := sub.MethodNames()
-	if err != nil {
-		return plannedLayer{}, err
-	}
 	var aliases []string
-	for _, name := range methods {
+	for _, name := range layer.Methods {
 		if forwardAlias.MatchString(name) {
 			aliases = append(aliases, name)
 		}
 	}
-	weight, err := sub.Parameter("weight")
-	if err != nil {
-		return plannedLayer{}, err
-	}
-	var bias *torch.Tensor
-	if conv.Bias {
-		if bias, err = sub.Parameter("bias"); err != nil {
-			weight.Close()
-			return plannedLayer{}, err
-		}
+	bias := layer.Bias
+	if !conv.Bias && bias != nil {
+		bias.Close() // a traced layer may keep a bias its graph never reads
+		bias = nil
 	}
 	return plannedLayer{entry: e, original: conv, first: first, last: last, dtype: dtype,
-		aliases: aliases, weight: weight, bias: bias}, nil
+		aliases: aliases, weight: layer.Weight, bias: bias}, nil
 }
 
 // checkSharing rejects layers that share a weight but would get new weights

@@ -9,6 +9,7 @@ import "C"
 import (
 	"fmt"
 	"runtime"
+	"strings"
 	"unsafe"
 )
 
@@ -215,4 +216,56 @@ func (m *Module) Replace(paths []string, replacements []*Module) error {
 		return takeError("replace", msg)
 	}
 	return nil
+}
+
+// Layer describes one module of a model for planning a decomposition.
+type Layer struct {
+	// Found is false when the model has no module at the path.
+	Found bool `json:"found"`
+	// Type, Class and Conv2d are as in ModuleInfo.
+	Type   string `json:"type"`
+	Class  string `json:"class"`
+	Conv2d bool   `json:"conv2d"`
+	// Geometry is the Conv2d's geometry, unless GeometryError says why it
+	// could not be read.
+	Geometry      Conv2d `json:"geometry"`
+	GeometryError string `json:"geometry_error"`
+	// Methods lists the Conv2d's methods.
+	Methods []string `json:"methods"`
+	// Weight and Bias are the Conv2d's parameters (nil when absent); the
+	// caller closes them.
+	Weight, Bias *Tensor `json:"-"`
+}
+
+// DescribeLayer describes the module at a dotted path in one call: whether
+// it exists, its class, and for a Conv2d its geometry, methods and
+// parameters.
+func (m *Module) DescribeLayer(path string) (Layer, error) {
+	var layer Layer
+	if err := m.check("describe layer"); err != nil {
+		return layer, err
+	}
+	if strings.ContainsRune(path, 0) {
+		return layer, nil // a C string would cut the path short
+	}
+	defer runtime.KeepAlive(m)
+	cpath := C.CString(path)
+	defer C.free(unsafe.Pointer(cpath))
+	var text, msg *C.char
+	var weight, bias *C.cs_tensor
+	if C.cs_describe_layer(m.ptr, cpath, &text, &weight, &bias, &msg) != 0 {
+		return layer, takeError("describe layer", msg)
+	}
+	if weight != nil {
+		layer.Weight = newTensor(weight)
+	}
+	if bias != nil {
+		layer.Bias = newTensor(bias)
+	}
+	if err := takeJSON("describe layer", text, &layer); err != nil {
+		layer.Weight.Close()
+		layer.Bias.Close()
+		return Layer{}, err
+	}
+	return layer, nil
 }
