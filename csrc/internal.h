@@ -59,7 +59,8 @@ std::string unmangledName(const c10::ClassTypePtr& type);
 bool isConv2dType(const c10::ClassTypePtr& type);
 void flattenOutputs(const c10::IValue& v, std::vector<at::Tensor>& out);
 
-// JsonWriter appends JSON values to a string; it knows only what the shim needs.
+// JsonWriter appends JSON values to a string. It supports only the values
+// the shim writes.
 class JsonWriter {
  public:
   JsonWriter& beginObject();

@@ -50,7 +50,7 @@ struct Change {
   Module object;
   c10::ClassTypePtr oldType;
   // copy: the type is shared with another module of the tree, so this module
-  // becomes a new object of a new type; otherwise its type changes in place.
+  // becomes a new object of a new type. Otherwise its type changes in place.
   bool copy = false;
   c10::ClassTypePtr newType;
   c10::intrusive_ptr<c10::ivalue::Object> newObject;
@@ -117,7 +117,7 @@ std::string describeUse(const torch::jit::Use& use) {
   return std::string("passes it to ") + user->kind().toQualString();
 }
 
-// replacementAccepts tells whether a use of a replaced layer still works when
+// replacementAccepts reports whether a use of a replaced layer still works when
 // the replacement takes its place: only calls of methods the replacement
 // has, with the same number of arguments.
 bool replacementAccepts(const torch::jit::Use& use, const Module& replacement) {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on real input: make a TorchScript resnet18 with torchvision,
-# replace its layers as AMCT's decomposition file for it says, and show that
+# replace the layers that AMCT's decomposition file for it lists, and show that
 # PyTorch loads and runs the result. Run through `make run`, which builds
 # bin/convsplit first.
 set -euo pipefail

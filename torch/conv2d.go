@@ -226,8 +226,8 @@ type Layer struct {
 	Type   string `json:"type"`
 	Class  string `json:"class"`
 	Conv2d bool   `json:"conv2d"`
-	// Geometry is the Conv2d's geometry, unless GeometryError says why it
-	// could not be read.
+	// Geometry is the Conv2d's geometry, unless GeometryError gives the
+	// reason it could not be read.
 	Geometry      Conv2d `json:"geometry"`
 	GeometryError string `json:"geometry_error"`
 	// Methods lists the Conv2d's methods.

@@ -296,7 +296,7 @@ func moduleClass(t testing.TB, m *torch.Module, path string) string {
 	return ""
 }
 
-// pyLoaded is what Python's torch.jit.load sees in a saved file.
+// pyLoaded is the content Python's torch.jit.load reads from a saved file.
 type pyLoaded struct {
 	Modules []struct {
 		Name     string `json:"name"`
@@ -342,7 +342,7 @@ for request in requests:
 print(json.dumps(results))
 `
 
-// pyRequest asks describeSaved about one file.
+// pyRequest is one file for describeSaved to describe.
 type pyRequest struct {
 	Path  string   `json:"path"`
 	Shape []int64  `json:"shape"`

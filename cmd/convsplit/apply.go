@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -13,9 +12,6 @@ import (
 	"github.com/convsplit/convsplit/decompose"
 	"github.com/convsplit/convsplit/torch"
 )
-
-// errHelp is returned when -h was given; the usage is already printed.
-var errHelp = errors.New("help requested")
 
 type applyFlags struct {
 	model, info, out, changes string
@@ -42,11 +38,8 @@ func parseApplyFlags(args []string, stderr io.Writer) (applyFlags, error) {
 		fmt.Fprintln(stderr, "usage: convsplit apply -model IN.pt -info INFO.json -o OUT.pt [-changes CHANGES.json] [-seed N] [-weights STATE.pt] [-dry-run]")
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return f, errHelp
-		}
-		return f, fmt.Errorf("%w: %v", errUsage, err)
+	if err := parseFlagSet(fs, args); err != nil {
+		return f, err
 	}
 	fs.Visit(func(fl *flag.Flag) {
 		if fl.Name == "seed" {
@@ -54,8 +47,6 @@ func parseApplyFlags(args []string, stderr io.Writer) (applyFlags, error) {
 		}
 	})
 	switch {
-	case fs.NArg() > 0:
-		return f, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
 	case f.model == "":
 		return f, fmt.Errorf("%w: -model is required", errUsage)
 	case f.info == "":

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -33,15 +32,10 @@ func parseAutoFlags(args []string, stderr io.Writer) (autoFlags, error) {
 		fmt.Fprintln(stderr, "\nDecomposes every eligible Conv2d from its trained weights, as AMCT's auto_decomposition does.")
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return f, errHelp
-		}
-		return f, fmt.Errorf("%w: %v", errUsage, err)
+	if err := parseFlagSet(fs, args); err != nil {
+		return f, err
 	}
 	switch {
-	case fs.NArg() > 0:
-		return f, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
 	case f.model == "":
 		return f, fmt.Errorf("%w: -model is required", errUsage)
 	case f.out == "":

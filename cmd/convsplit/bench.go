@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -49,11 +48,8 @@ func parseBenchFlags(args []string, stderr io.Writer) (benchFlags, error) {
 		fs.PrintDefaults()
 	}
 
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return f, errHelp
-		}
-		return f, fmt.Errorf("%w: %v", errUsage, err)
+	if err := parseFlagSet(fs, args); err != nil {
+		return f, err
 	}
 	fs.Visit(func(fl *flag.Flag) {
 		if fl.Name == "seed" {
@@ -62,8 +58,6 @@ func parseBenchFlags(args []string, stderr io.Writer) (benchFlags, error) {
 	})
 
 	switch {
-	case fs.NArg() > 0:
-		return f, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
 	case f.model == "":
 		return f, fmt.Errorf("%w: -model is required", errUsage)
 	case f.info == "":

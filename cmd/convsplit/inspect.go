@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -258,15 +257,10 @@ func parseInspectFlags(args []string, stderr io.Writer) (inspectFlags, error) {
 		fs.PrintDefaults()
 	}
 
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return f, errHelp
-		}
-		return f, fmt.Errorf("%w: %v", errUsage, err)
+	if err := parseFlagSet(fs, args); err != nil {
+		return f, err
 	}
 	switch {
-	case fs.NArg() > 0:
-		return f, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
 	case f.model == "":
 		return f, fmt.Errorf("%w: -model is required", errUsage)
 	}

@@ -14,6 +14,7 @@ package main
 
 import (
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -24,6 +25,24 @@ import (
 
 // errUsage marks errors in the command line; they exit with status 2.
 var errUsage = errors.New("usage error")
+
+// errHelp is returned when -h was given; the usage is already printed.
+var errHelp = errors.New("help requested")
+
+// parseFlagSet parses a subcommand's flags, which must take every
+// argument: -h gives errHelp, anything else wrong wraps errUsage.
+func parseFlagSet(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return errHelp
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+	}
+	return nil
+}
 
 type command struct {
 	name    string

@@ -33,8 +33,8 @@ func AMCT(elem ...string) string {
 	return Path(append([]string{"testdata", "amct"}, elem...)...)
 }
 
-// FixtureDir is where the TorchScript fixtures live: $CONVSPLIT_FIXTURES, or
-// build/fixtures.
+// FixtureDir returns the folder of the TorchScript fixtures:
+// $CONVSPLIT_FIXTURES, or build/fixtures.
 func FixtureDir() string {
 	if dir := os.Getenv("CONVSPLIT_FIXTURES"); dir != "" {
 		return dir
