@@ -349,20 +349,24 @@ void checkSpec(const ConvGeometry& g) {
               "Conv2d parameters of dtype ", c10::toString(g.dtype), " are not supported");
 }
 
-// defaultParameters draws what torch.nn.Conv2d's constructor draws: the
-// weight by kaiming_uniform_ with a = sqrt(5), so uniform in
-// (-1/sqrt(fan_in), 1/sqrt(fan_in)), then the bias uniform in the same range.
-// Both are drawn in float32 on contiguous tensors and only then cast and laid
-// out, so that a seeded run draws the same numbers as Python.
+// defaultParameters draws what torch.nn.Conv2d's constructor draws, in
+// float32 before any cast, so that a seeded run matches Python number for number.
+//
+// The weight's bound follows kaiming_uniform_(a = sqrt(5)) in Python's double
+// arithmetic. Calling torch::nn::init would take two tensor views per layer.
 std::pair<at::Tensor, at::Tensor> defaultParameters(const ConvGeometry& g) {
   torch::NoGradGuard no_grad;
   const int64_t inPerGroup = g.in_channels / g.groups;
+  const double fanIn = static_cast<double>(inPerGroup * g.kernel_size[0] * g.kernel_size[1]);
+  const double slope = std::sqrt(5.0);
+  const double gain = std::sqrt(2.0 / (1 + std::pow(slope, 2)));
+  const double weightBound = std::sqrt(3.0) * (gain / std::sqrt(fanIn));
+
   at::Tensor weight = torch::empty({g.out_channels, inPerGroup, g.kernel_size[0], g.kernel_size[1]});
-  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0), torch::kFanIn, torch::kLeakyReLU);
+  weight.uniform_(-weightBound, weightBound);
   at::Tensor bias;
   if (g.bias) {
-    const int64_t fanIn = inPerGroup * g.kernel_size[0] * g.kernel_size[1];
-    const double bound = fanIn > 0 ? 1.0 / std::sqrt(static_cast<double>(fanIn)) : 0.0;
+    const double bound = 1.0 / std::sqrt(fanIn);
     bias = torch::empty({g.out_channels});
     bias.uniform_(-bound, bound);
     bias = bias.to(g.dtype);
@@ -397,6 +401,18 @@ Value* callMethod(torch::jit::Graph& graph, const std::string& name, std::vector
   return call->output();
 }
 
+// callTensorOp appends an aten operator returning a Tensor, with the
+// constants as further inputs. The interpreter picks the overload from the
+// input types, so the schema matching of Graph::insert (in a profile, about
+// half the cost of a new Conv2d type) is skipped.
+Value* callTensorOp(torch::jit::Graph& graph, c10::Symbol op, std::vector<Value*> inputs,
+                    const std::vector<c10::IValue>& constants) {
+  for (const auto& constant : constants) inputs.push_back(graph.insertConstant(constant));
+  Node* node = graph.insertNode(graph.create(op, inputs));
+  node->output()->setType(c10::TensorType::get());
+  return node->output();
+}
+
 // addConv2dMethods gives a Conv2d type forward(input), which reads the
 // parameters and calls _conv_forward(input, weight, bias), which pads for
 // padding modes other than zeros and convolves with the configuration as
@@ -426,11 +442,11 @@ void addConv2dMethods(const std::shared_ptr<torch::jit::CompilationUnit>& cu, co
   if (g.padding_mode != "zeros") {
     Value* amounts = conv->insertGetAttr(self, "_reversed_padding_repeated_twice");
     amounts->setDebugName("_reversed_padding_repeated_twice");
-    padded = conv->insert(c10::aten::pad, {padded, amounts, c10::IValue(g.padding_mode), c10::IValue()});
+    padded = callTensorOp(*conv, c10::aten::pad, {padded, amounts}, {c10::IValue(g.padding_mode), c10::IValue()});
     padding = c10::IValue(std::vector<int64_t>{0, 0});
   }
-  Value* out = conv->insert(c10::aten::conv2d, {padded, weight, bias, c10::IValue(g.stride), padding,
-                                                c10::IValue(g.dilation), c10::IValue(g.groups)});
+  Value* out = callTensorOp(*conv, c10::aten::conv2d, {padded, weight, bias},
+                            {c10::IValue(g.stride), padding, c10::IValue(g.dilation), c10::IValue(g.groups)});
   conv->registerOutput(out);
   addMethod(cu, type, "_conv_forward", conv,
             {argument("self", type), argument("input", tensor), argument("weight", tensor),

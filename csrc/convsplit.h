@@ -28,9 +28,11 @@ void cs_free(void* p);
 /* Seeds libtorch's default CPU generator, as Python's torch.manual_seed does. */
 void cs_manual_seed(uint64_t seed);
 
-/* The default CPU generator's state, to undo draws of a failed call. */
-void cs_generator_state(cs_tensor** out);
-void cs_generator_set_state(cs_tensor* state);
+/* A copy of the default CPU generator, to undo the draws of a failed call. */
+typedef struct cs_generator cs_generator;
+int cs_generator_save(cs_generator** out, char** err);
+int cs_generator_restore(cs_generator* saved, char** err);
+void cs_generator_free(cs_generator* saved);
 
 /* Modules. */
 int cs_module_load(const char* path, cs_module** out, char** err);

@@ -244,17 +244,31 @@ int cs_module_clone(cs_module* m, cs_module** out, char** err) {
   });
 }
 
-void cs_generator_state(cs_tensor** out) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  *out = new cs_tensor{gen.get_state()};
+struct cs_generator {
+  at::Generator copy;
+};
+
+// A saved generator is a copy of the engine (a few kilobytes). get_state
+// would pack the same state into a new tensor, which is slower, and a copy
+// is taken before every restructuring while a restore is rare.
+int cs_generator_save(cs_generator** out, char** err) {
+  return guard(err, [&] {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    *out = new cs_generator{gen.clone()};
+  });
 }
 
-void cs_generator_set_state(cs_tensor* state) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state->tensor);
+int cs_generator_restore(cs_generator* saved, char** err) {
+  return guard(err, [&] {
+    auto state = saved->copy.get_state();
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(state);
+  });
 }
+
+void cs_generator_free(cs_generator* saved) { delete saved; }
 
 int cs_module_submodule(cs_module* m, const char* path, cs_module** out, char** err) {
   return guard(err, [&] {

@@ -93,12 +93,18 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 
 	// The draws below advance torch's generator; a failure after them puts
 	// it back, so that a failed call leaves no trace at all.
-	generator := torch.SaveGeneratorState()
+	generator, err := torch.SaveGeneratorState()
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", source, err)
+	}
 	defer generator.Close()
 	succeeded := false
 	defer func() {
-		if !succeeded {
-			generator.Restore()
+		if succeeded {
+			return
+		}
+		if err := generator.Restore(); err != nil {
+			slog.Warn("the failed call's draws stay in the generator", "source", source, "error", err)
 		}
 	}()
 

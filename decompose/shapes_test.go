@@ -431,6 +431,23 @@ func TestShapesDecompose(t *testing.T) {
 	}
 }
 
+// nextDraws returns the hash of the weight of a small Conv2d drawn from
+// libtorch's default generator: after the same seed it is the same, so it
+// shows whether a call put the generator back where it found it.
+func nextDraws(t *testing.T, model *torch.Module) string {
+	t.Helper()
+	builder, err := torch.NewBuilder(model)
+	require.NoError(t, err)
+	defer builder.Close()
+	conv, err := builder.Conv2d(torch.Conv2dSpec{
+		InChannels: 4, OutChannels: 4, Groups: 1, KernelSize: [2]int{3, 3}, Stride: [2]int{1, 1},
+		Dilation: [2]int{1, 1}, PaddingMode: "zeros", Bias: true, DType: torch.Float32,
+	})
+	require.NoError(t, err)
+	defer conv.Close()
+	return tensorHash(t, parameter(t, conv, "weight"))
+}
+
 func TestShapesReject(t *testing.T) {
 	dir, manifest := shapeSet(t)
 
@@ -464,9 +481,13 @@ func TestShapesReject(t *testing.T) {
 			input := shapeReadTensor(t, dir, c.Input)
 			before := shapeSnapshot(t, model, input)
 			infoPath := filepath.Join(dir, c.Info)
+			torch.ManualSeed(21)
+			wantDraws := nextDraws(t, model)
 
+			torch.ManualSeed(21)
 			result, changes, err := decompose.Network(model, infoPath)
 			require.Error(t, err)
+			assert.Equal(t, wantDraws, nextDraws(t, model), "the failed call left its draws in the generator")
 			t.Logf("error: %v", err)
 			assert.Nil(t, result)
 			assert.Nil(t, changes)

@@ -54,24 +54,43 @@ func ManualSeed(seed uint64) {
 	C.cs_manual_seed(C.uint64_t(seed))
 }
 
-// GeneratorState is a saved state of libtorch's default CPU generator.
+// GeneratorState is a saved copy of libtorch's default CPU generator.
 type GeneratorState struct {
-	state *Tensor
+	saved *C.cs_generator
 }
 
-// SaveGeneratorState returns the default CPU generator's state, so that a
-// call that draws random numbers and then fails can undo its draws.
-func SaveGeneratorState() *GeneratorState {
-	var out *C.cs_tensor
-	C.cs_generator_state(&out)
-	return &GeneratorState{state: newTensor(out)}
+// SaveGeneratorState copies the default CPU generator, so that a call that
+// draws random numbers and then fails can undo its draws.
+func SaveGeneratorState() (*GeneratorState, error) {
+	var saved *C.cs_generator
+	var msg *C.char
+	if C.cs_generator_save(&saved, &msg) != 0 {
+		return nil, takeError("saving the generator", msg)
+	}
+	g := &GeneratorState{saved: saved}
+	runtime.SetFinalizer(g, (*GeneratorState).Close)
+	return g, nil
 }
 
-// Restore puts the generator back into the saved state.
-func (g *GeneratorState) Restore() {
-	defer runtime.KeepAlive(g)
-	C.cs_generator_set_state(g.state.ptr)
+// Restore puts the generator back into the saved state. It does nothing
+// after Close.
+func (g *GeneratorState) Restore() error {
+	if g == nil || g.saved == nil {
+		return nil
+	}
+	var msg *C.char
+	if C.cs_generator_restore(g.saved, &msg) != 0 {
+		return takeError("restoring the generator", msg)
+	}
+	return nil
 }
 
-// Close releases the saved state.
-func (g *GeneratorState) Close() { g.state.Close() }
+// Close releases the saved copy. It is safe to call more than once.
+func (g *GeneratorState) Close() {
+	if g == nil || g.saved == nil {
+		return
+	}
+	C.cs_generator_free(g.saved)
+	g.saved = nil
+	runtime.SetFinalizer(g, nil)
+}
