@@ -9,7 +9,8 @@
 // The work runs in three phases so that a failure changes nothing:
 //   1. check: paths, aliasing, and every use of each layer in the graphs;
 //   2. build: new class types, objects and method graphs, out of the tree;
-//   3. commit: attribute types, slots and methods, which do not throw.
+//   3. commit: attribute types, slots, the graphs of types changed in place
+//      and the methods, none of which throws.
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/ir/ir.h>
 
@@ -72,6 +73,9 @@ struct Plan {
   std::shared_ptr<torch::jit::CompilationUnit> cu;
   std::map<std::string, Module> replacements;  // layer path -> new module
   std::map<std::string, Change> changes;       // ancestor path -> change
+  // The types of all changes after the commit, and those changed in place.
+  std::unordered_set<const c10::ClassType*> changedTypes;
+  std::unordered_map<const c10::ClassType*, const Change*> inPlace;
 };
 
 // ---------------------------------------------------------------------------
@@ -91,8 +95,38 @@ void checkPaths(Plan& plan, const std::vector<std::string>& paths) {
   }
 }
 
+// ModuleCensus is what one walk over the module tree finds: the number of
+// distinct module objects of each class type, and whether any object is
+// reachable by more than one path.
+struct ModuleCensus {
+  std::unordered_map<const c10::ClassType*, int> instances;
+  bool shared = false;
+};
+
+void countModules(const c10::ivalue::Object& object, std::unordered_set<const c10::ivalue::Object*>& seen,
+                  ModuleCensus& census) {
+  if (!seen.insert(&object).second) {
+    census.shared = true;
+    return;
+  }
+  const c10::ClassType& type = *object.type();
+  census.instances[&type]++;
+  for (size_t i = 0; i < type.numAttributes(); ++i) {
+    const c10::IValue& child = object.getSlot(i);
+    if (child.isObject() && child.toObjectRef().type()->is_module()) countModules(child.toObjectRef(), seen, census);
+  }
+}
+
+ModuleCensus takeCensus(const Module& root) {
+  ModuleCensus census;
+  std::unordered_set<const c10::ivalue::Object*> seen;
+  countModules(*root._ivalue(), seen, census);
+  return census;
+}
+
 // checkAliasing rejects trees in which a changed module is reachable by two
-// paths: replacing it under one name would silently change the other.
+// paths: replacing it under one name would silently change the other. It
+// runs only when the census found such a module, since it builds every path.
 void checkAliasing(const Plan& plan) {
   std::unordered_map<const c10::ivalue::Object*, std::string> firstPath;
   std::unordered_set<std::string> involved;
@@ -186,16 +220,6 @@ void checkReplacement(const Plan& plan, const std::string& path, const Module& r
 // ---------------------------------------------------------------------------
 // Phase 2: building the new types, objects and methods.
 
-// countInstances counts the distinct module objects of each class type.
-std::unordered_map<const c10::ClassType*, int> countInstances(const Module& root) {
-  std::unordered_map<const c10::ClassType*, int> counts;
-  std::unordered_set<const c10::ivalue::Object*> seen;
-  for (const auto& m : root.modules()) {
-    if (seen.insert(m._ivalue().get()).second) counts[m.type().get()]++;
-  }
-  return counts;
-}
-
 c10::TypePtr newAttributeType(const Change& change, const std::string& name, const c10::TypePtr& childType) {
   c10::TypePtr declared = change.oldType->getAttribute(name);
   if (declared->cast<c10::InterfaceType>()) {
@@ -234,8 +258,8 @@ void buildCopy(Plan& plan, Change& change) {
 
 // buildObjects decides, bottom-up, which modules get a copied type and
 // records the new children and attribute types of every change.
-void buildObjects(Plan& plan) {
-  auto counts = countInstances(plan.root);
+void buildObjects(Plan& plan, ModuleCensus& census) {
+  auto& counts = census.instances;
   std::vector<Change*> order;
   for (auto& entry : plan.changes) order.push_back(&entry.second);
   std::sort(order.begin(), order.end(), [](Change* a, Change* b) { return a->depth() > b->depth(); });
@@ -299,30 +323,30 @@ void installMethod(Plan& plan, const c10::ClassTypePtr& type, const Change::Meth
   type->addMethod(fn);
 }
 
-// buildMethods writes a fresh function for every method of every changed
-// type. Live functions are never edited: a method that already ran keeps an
-// execution plan compiled from its old graph.
+// buildMethods prepares a fresh function for every method of every changed
+// type, because a method that already ran keeps a plan compiled for the old
+// types. Copied types get retyped graph copies now. Types changed in place
+// keep their graphs, which commit retypes after every copy is taken.
 void buildMethods(Plan& plan) {
-  std::unordered_set<const c10::ClassType*> changedTypes;
-  std::unordered_map<const c10::ClassType*, const Change*> inPlace;
   for (const auto& [path, change] : plan.changes) {
-    changedTypes.insert(change.newType.get());
-    if (!change.copy) inPlace[change.newType.get()] = &change;
+    plan.changedTypes.insert(change.newType.get());
+    if (!change.copy) plan.inPlace[change.newType.get()] = &change;
   }
 
   for (auto& [path, change] : plan.changes) {
     for (auto* fn : change.oldType->methods()) {
-      auto graph = torch::jit::toGraphFunction(*fn).graph()->copy();
+      auto graph = torch::jit::toGraphFunction(*fn).graph();
       c10::FunctionSchema schema = fn->getSchema();
       if (change.copy) {
+        graph = graph->copy();
         auto oldType = change.oldType;
         auto newType = change.newType;
         graph->remapTypes([&](c10::TypePtr t) -> c10::TypePtr { return t == oldType ? newType : t; });
         auto arguments = schema.arguments();
         arguments.at(0) = arguments.at(0).cloneWithType(newType);
         schema = schema.cloneWithArguments(arguments);
+        retypeBlock(plan, graph->block(), plan.changedTypes, plan.inPlace);
       }
-      retypeBlock(plan, graph->block(), changedTypes, inPlace);
       change.methods.push_back({fn->name(), graph, schema});
     }
     if (change.copy) {
@@ -355,7 +379,10 @@ void commit(Plan& plan) {
       change.oldType->unsafeRemoveMethod(method.name);
       plan.cu->unsafeRemoveMethod(c10::QualifiedName(*change.oldType->name(), method.name));
     }
-    for (const auto& method : change.methods) installMethod(plan, change.oldType, method);
+    for (const auto& method : change.methods) {
+      retypeBlock(plan, method.graph->block(), plan.changedTypes, plan.inPlace);
+      installMethod(plan, change.oldType, method);
+    }
   }
 }
 
@@ -380,10 +407,11 @@ void replace(const Module& root, const std::vector<std::string>& paths, const st
       if (p.empty()) break;
     }
   }
-  checkAliasing(plan);
+  ModuleCensus census = takeCensus(root);
+  if (census.shared) checkAliasing(plan);
   checkUses(plan);
 
-  buildObjects(plan);
+  buildObjects(plan, census);
   buildMethods(plan);
   commit(plan);
 }

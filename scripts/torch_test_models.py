@@ -191,6 +191,28 @@ class BiasPair(nn.Module):
         return self.b(self.a(x))
 
 
+class TwoConvs(nn.Module):
+    """Two Conv2d layers of one configuration applied in turn."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def aliased():
+    """TwoConvs scripted, with attribute b pointing at the same object as a.
+
+    The saved file keeps one object under both names, as torch.jit.load shows.
+    """
+    module = torch.jit.script(TwoConvs().eval())
+    module._c.setattr('b', module._c.getattr('a'))
+    return module
+
+
 class SubConv(nn.Conv2d):
     """A subclass of Conv2d, which convsplit must not treat as a Conv2d."""
 
@@ -344,6 +366,7 @@ def build_models():
         'interface': (torch.jit.script(ThroughInterface().eval()), None),
         'with_extras': (torch.jit.script(extras), EXTRA_FILES),
         'bias_pair': (torch.jit.script(BiasPair().eval()), None),
+        'aliased': (aliased(), None),
     }
 
 

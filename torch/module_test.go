@@ -168,7 +168,7 @@ func loadModel(t testing.TB, name string) *torch.Module {
 var testInputShapes = map[string][]int64{
 	"mixed": {1, 3, 32, 32}, "mixed_traced": {1, 3, 32, 32},
 	"resnet18": {1, 3, 64, 64}, "resnet18_traced": {1, 3, 64, 64},
-	"two_outputs": {1, 3, 8, 8}, "returns_list": {1, 3, 8, 8}, "returns_dict": {1, 3, 8, 8}, "twice_traced": {1, 8, 8, 8}, "interface": {1, 4, 8, 8},
+	"two_outputs": {1, 3, 8, 8}, "returns_list": {1, 3, 8, 8}, "returns_dict": {1, 3, 8, 8}, "twice_traced": {1, 8, 8, 8}, "interface": {1, 4, 8, 8}, "aliased": {1, 4, 8, 8},
 	"reads_weight": {1, 4, 8, 8}, "export_reads_weight": {1, 4, 8, 8}, "branches": {1, 4, 8, 8}, "with_extras": {1, 3, 8, 8}, "bias_pair": {1, 4, 8, 8},
 	"shared_weight": {1, 64, 8, 8}, "root_conv": {1, 64, 8, 8},
 }

@@ -580,6 +580,10 @@ func TestReplaceRejected(t *testing.T) {
 				return sequentialOf(t, otherModel, path)
 			},
 			want: []string{"'down'", "another model"}},
+		{name: "layer reachable by two paths", model: "aliased", paths: []string{"a"},
+			want: []string{"'b'", "'a'", "same object"}},
+		{name: "second path of a shared layer", model: "aliased", paths: []string{"b"},
+			want: []string{"'b'", "'a'", "same object"}},
 		{name: "missing forward1 alias", model: "twice_traced", paths: []string{"conv"},
 			build: func(t *testing.T, owner *torch.Module, path string) *torch.Module {
 				return sequentialOf(t, owner, path)
