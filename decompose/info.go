@@ -111,10 +111,14 @@ func readRegularFile(path string) ([]byte, error) {
 		return nil, err
 	}
 
-	data, err := io.ReadAll(io.LimitReader(file, maxInfoFileSize+1))
-	if err != nil {
+	// Sizing the buffer from the file size spares the repeated growing of
+	// io.ReadAll. Reading still runs to the end, in case the file grew.
+	var buffer bytes.Buffer
+	buffer.Grow(int(min(info.Size(), maxInfoFileSize)) + bytes.MinRead)
+	if _, err := buffer.ReadFrom(io.LimitReader(file, maxInfoFileSize+1)); err != nil {
 		return nil, fmt.Errorf("%w: read %s: %w", ErrInfoFile, path, err)
 	}
+	data := buffer.Bytes()
 	if len(data) > maxInfoFileSize {
 		return nil, fmt.Errorf("%w: %s is larger than the maximum of %d bytes", ErrInvalidInfo, path, maxInfoFileSize)
 	}
@@ -148,6 +152,16 @@ func checkRegular(path string, info fs.FileInfo) error {
 // and a repeated layer ErrDuplicateLayer. ParseInfo does not check that the
 // shapes fit the layer and the mode. Info.Check does.
 func ParseInfo(data []byte, source string) (*Info, error) {
+	if info, ok := scanInfo(data); ok {
+		return info, nil
+	}
+	return decodeInfo(data, source)
+}
+
+// decodeInfo parses like ParseInfo, on encoding/json's token stream.
+// ParseInfo calls it only when the faster scanInfo rejects the input, to
+// build the error.
+func decodeInfo(data []byte, source string) (*Info, error) {
 	p := &infoParser{data: data, source: source}
 	if offset := invalidUTF8Offset(data); offset >= 0 {
 		return nil, p.errorf(-1, "", "invalid UTF-8 at %s", p.position(int64(offset)))

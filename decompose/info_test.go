@@ -558,21 +558,6 @@ func TestParseInfoSyntaxErrorWrapsCause(t *testing.T) {
 	assert.Contains(t, err.Error(), "invalid character '{' after array element")
 }
 
-func BenchmarkParseInfo(b *testing.B) {
-	info := &Info{}
-	for i := range 1000 {
-		info.Entries = append(info.Entries, validEntry("layer"+strconv.Itoa(i)+".conv", SCFK))
-	}
-	data := info.Marshal()
-	b.SetBytes(int64(len(data)))
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := ParseInfo(data, "bench.json"); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
 // FuzzParseInfo checks that ParseInfo never panics and that whatever it
 // accepts survives Marshal and a second ParseInfo unchanged.
 func FuzzParseInfo(f *testing.F) {
