@@ -349,33 +349,49 @@ void checkSpec(const ConvGeometry& g) {
               "Conv2d parameters of dtype ", c10::toString(g.dtype), " are not supported");
 }
 
-// defaultParameters draws what torch.nn.Conv2d's constructor draws, in
-// float32 before any cast, so that a seeded run matches Python number for number.
-//
-// The weight's bound follows kaiming_uniform_(a = sqrt(5)) in Python's double
-// arithmetic. Calling torch::nn::init would take two tensor views per layer.
-std::pair<at::Tensor, at::Tensor> defaultParameters(const ConvGeometry& g) {
-  torch::NoGradGuard no_grad;
-  const int64_t inPerGroup = g.in_channels / g.groups;
-  const double fanIn = static_cast<double>(inPerGroup * g.kernel_size[0] * g.kernel_size[1]);
-  const double slope = std::sqrt(5.0);
-  const double gain = std::sqrt(2.0 / (1 + std::pow(slope, 2)));
-  const double weightBound = std::sqrt(3.0) * (gain / std::sqrt(fanIn));
-
-  at::Tensor weight = torch::empty({g.out_channels, inPerGroup, g.kernel_size[0], g.kernel_size[1]});
-  weight.uniform_(-weightBound, weightBound);
+// emptyParameters allocates a Conv2d's weight and bias, in their final dtype
+// and layout, without values.
+std::pair<at::Tensor, at::Tensor> emptyParameters(const ConvGeometry& g) {
+  const auto format = g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor weight = torch::empty({g.out_channels, g.in_channels / g.groups, g.kernel_size[0], g.kernel_size[1]},
+                                   at::TensorOptions().dtype(g.dtype).memory_format(format));
+  weight.set_requires_grad(true);
   at::Tensor bias;
   if (g.bias) {
-    const double bound = 1.0 / std::sqrt(fanIn);
-    bias = torch::empty({g.out_channels});
-    bias.uniform_(-bound, bound);
-    bias = bias.to(g.dtype);
+    bias = torch::empty({g.out_channels}, at::TensorOptions().dtype(g.dtype));
+    bias.set_requires_grad(true);
   }
-  weight = weight.to(g.dtype);
-  if (g.channels_last) weight = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  weight.set_requires_grad(true);
-  if (bias.defined()) bias.set_requires_grad(true);
   return {weight, bias};
+}
+
+// fillUniform fills a tensor with values drawn uniformly from (-bound, bound)
+// in float32 and in logical order, as Python draws them before a cast or a
+// change of layout.
+void fillUniform(at::Tensor& t, double bound) {
+  if (t.scalar_type() == c10::kFloat && t.is_contiguous()) {
+    t.uniform_(-bound, bound);
+    return;
+  }
+  at::Tensor drawn = torch::empty(t.sizes());
+  drawn.uniform_(-bound, bound);
+  t.copy_(drawn);
+}
+
+// drawParameters fills a Conv2d's weight, then its bias, as torch.nn.Conv2d's
+// constructor does, so that a seeded run matches Python number for number.
+// The weight's bound follows kaiming_uniform_(a = sqrt(5)) in Python's double
+// arithmetic. Calling torch::nn::init would take two tensor views per layer.
+void drawParameters(at::Tensor& weight, at::Tensor& bias) {
+  TORCH_CHECK(weight.defined() && weight.dim() == 4, "a Conv2d weight must have 4 dimensions");
+  TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == weight.size(0)),
+              "the bias must have one value per output channel");
+  TORCH_CHECK(weight.numel() > 0, "the weight has no values to draw");
+  torch::NoGradGuard no_grad;
+  const double fanIn = static_cast<double>(weight.size(1) * weight.size(2) * weight.size(3));
+  const double slope = std::sqrt(5.0);
+  const double gain = std::sqrt(2.0 / (1 + std::pow(slope, 2)));
+  fillUniform(weight, std::sqrt(3.0) * (gain / std::sqrt(fanIn)));
+  if (bias.defined()) fillUniform(bias, 1.0 / std::sqrt(fanIn));
 }
 
 // Methods are built as graphs rather than compiled from TorchScript source:
@@ -550,10 +566,25 @@ std::vector<int64_t> reversedPadding(const ConvGeometry& g) {
   return out;
 }
 
-Module newConv2d(cs_builder* b, const ConvGeometry& g) {
+// checkParameters rejects tensors that a Conv2d of geometry g cannot hold.
+void checkParameters(const ConvGeometry& g, const at::Tensor& weight, const at::Tensor& bias) {
+  const std::vector<int64_t> shape{g.out_channels, g.in_channels / g.groups, g.kernel_size[0], g.kernel_size[1]};
+  TORCH_CHECK(weight.defined() && weight.sizes() == c10::IntArrayRef(shape), "the weight's shape ",
+              weight.defined() ? weight.sizes() : c10::IntArrayRef{}, " is not the Conv2d's ", c10::IntArrayRef(shape));
+  TORCH_CHECK(weight.scalar_type() == g.dtype, "the weight is ", weight.scalar_type(), ", not ", g.dtype);
+  TORCH_CHECK(bias.defined() == g.bias, g.bias ? "the Conv2d needs a bias" : "the Conv2d has no bias");
+  if (bias.defined()) {
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == g.out_channels, "the bias's shape ", bias.sizes(),
+                " is not (", g.out_channels, ")");
+    TORCH_CHECK(bias.scalar_type() == g.dtype, "the bias is ", bias.scalar_type(), ", not ", g.dtype);
+  }
+}
+
+// conv2dWith makes a Conv2d module of geometry g holding the given tensors.
+Module conv2dWith(cs_builder* b, const ConvGeometry& g, const at::Tensor& weight, const at::Tensor& bias) {
   checkSpec(g);
+  checkParameters(g, weight, bias);
   auto type = conv2dType(b, g);
-  auto [weight, bias] = defaultParameters(g);
   Module m(c10::ivalue::Object::create(c10::StrongTypePtr(b->cu, type), type->numAttributes()));
   m._ivalue()->setSlot(*type->findAttributeSlot("weight"), weight);
   m._ivalue()->setSlot(*type->findAttributeSlot("bias"), bias.defined() ? c10::IValue(bias) : c10::IValue());
@@ -564,7 +595,6 @@ Module newConv2d(cs_builder* b, const ConvGeometry& g) {
                        c10::IValue(reversedPadding(g)));
   return m;
 }
-
 
 bool isIdentifier(const std::string& s) {
   if (s.empty() || std::isdigit(static_cast<unsigned char>(s[0]))) return false;
@@ -605,6 +635,24 @@ Module newSequential(cs_builder* b, const std::vector<Module>& children, const s
     m._ivalue()->setSlot(*type->findAttributeSlot(std::to_string(i)), children[i]._ivalue());
   }
   return m;
+}
+
+ConvGeometry geometryOf(const cs_conv2d_spec* spec) {
+  ConvGeometry g;
+  g.in_channels = spec->in_channels;
+  g.out_channels = spec->out_channels;
+  g.groups = spec->groups;
+  g.kernel_size = {spec->kernel_size[0], spec->kernel_size[1]};
+  g.stride = {spec->stride[0], spec->stride[1]};
+  g.padding = {spec->padding[0], spec->padding[1]};
+  g.dilation = {spec->dilation[0], spec->dilation[1]};
+  g.padding_mode = spec->padding_mode ? spec->padding_mode : "zeros";
+  g.padding_string = spec->padding_string ? spec->padding_string : "";
+  g.bias = spec->bias != 0;
+  g.dtype = static_cast<c10::ScalarType>(spec->dtype);
+  g.channels_last = spec->channels_last != 0;
+  g.training = spec->training != 0;
+  return g;
 }
 
 }  // namespace
@@ -675,23 +723,38 @@ int cs_builder_new(cs_module* owner, cs_builder** out, char** err) {
 
 void cs_builder_free(cs_builder* b) { delete b; }
 
+int cs_conv2d_parameters(const cs_conv2d_spec* spec, cs_tensor** weight, cs_tensor** bias, char** err) {
+  return guard(err, [&] {
+    ConvGeometry g = geometryOf(spec);
+    checkSpec(g);
+    auto [w, b] = emptyParameters(g);
+    *weight = new cs_tensor{w};
+    *bias = b.defined() ? new cs_tensor{b} : nullptr;
+  });
+}
+
+int cs_conv2d_draw(cs_tensor* weight, cs_tensor* bias, char** err) {
+  return guard(err, [&] {
+    at::Tensor none;
+    drawParameters(weight->tensor, bias ? bias->tensor : none);
+  });
+}
+
 int cs_builder_conv2d(cs_builder* b, const cs_conv2d_spec* spec, cs_module** out, char** err) {
   return guard(err, [&] {
-    ConvGeometry g;
-    g.in_channels = spec->in_channels;
-    g.out_channels = spec->out_channels;
-    g.groups = spec->groups;
-    g.kernel_size = {spec->kernel_size[0], spec->kernel_size[1]};
-    g.stride = {spec->stride[0], spec->stride[1]};
-    g.padding = {spec->padding[0], spec->padding[1]};
-    g.dilation = {spec->dilation[0], spec->dilation[1]};
-    g.padding_mode = spec->padding_mode ? spec->padding_mode : "zeros";
-    g.padding_string = spec->padding_string ? spec->padding_string : "";
-    g.bias = spec->bias != 0;
-    g.dtype = static_cast<c10::ScalarType>(spec->dtype);
-    g.channels_last = spec->channels_last != 0;
-    g.training = spec->training != 0;
-    *out = new cs_module{newConv2d(b, g), nullptr};
+    ConvGeometry g = geometryOf(spec);
+    checkSpec(g);
+    auto [weight, bias] = emptyParameters(g);
+    drawParameters(weight, bias);
+    *out = new cs_module{conv2dWith(b, g, weight, bias), nullptr};
+  });
+}
+
+int cs_builder_conv2d_with(cs_builder* b, const cs_conv2d_spec* spec, cs_tensor* weight, cs_tensor* bias,
+                           cs_module** out, char** err) {
+  return guard(err, [&] {
+    at::Tensor none;
+    *out = new cs_module{conv2dWith(b, geometryOf(spec), weight->tensor, bias ? bias->tensor : none), nullptr};
   });
 }
 

@@ -83,6 +83,16 @@ typedef struct cs_conv2d_spec {
 /* Makes a Conv2d with default-initialized parameters, drawn as
  * torch.nn.Conv2d's constructor draws them. */
 int cs_builder_conv2d(cs_builder* b, const cs_conv2d_spec* spec, cs_module** out, char** err);
+/* Makes a Conv2d holding the given weight and bias (NULL: none). */
+int cs_builder_conv2d_with(cs_builder* b, const cs_conv2d_spec* spec, cs_tensor* weight, cs_tensor* bias,
+                           cs_module** out, char** err);
+/* Allocates the parameters of a Conv2d, without values; *bias is NULL when
+ * the spec has none. */
+int cs_conv2d_parameters(const cs_conv2d_spec* spec, cs_tensor** weight, cs_tensor** bias, char** err);
+/* Fills a Conv2d's weight, then its bias (may be NULL), from the default
+ * generator as torch.nn.Conv2d's constructor does. It touches nothing else,
+ * so it may run on one thread while a builder works on another. */
+int cs_conv2d_draw(cs_tensor* weight, cs_tensor* bias, char** err);
 /* aliases: names of extra methods (such as forward1) that run forward. */
 int cs_builder_sequential(cs_builder* b, cs_module** children, int n_children,
                           const char** aliases, int n_aliases, int training,
@@ -94,6 +104,14 @@ int cs_builder_sequential(cs_builder* b, cs_module** children, int n_children,
  */
 int cs_module_replace(cs_module* root, const char** paths, cs_module** replacements,
                       int n, char** err);
+/* cs_module_replace in two steps: prepare runs every check and builds the
+ * new types without changing the model; commit changes it. Nothing may
+ * change the model in between. A plan is committed at most once. */
+typedef struct cs_replace_plan cs_replace_plan;
+int cs_module_replace_prepare(cs_module* root, const char** paths, cs_module** replacements, int n,
+                              cs_replace_plan** out, char** err);
+int cs_replace_commit(cs_replace_plan* prepared, char** err);
+void cs_replace_plan_free(cs_replace_plan* prepared);
 
 /* Tensors. dtype codes are c10::ScalarType values. */
 int cs_tensor_from_data(const void* data, int dtype, const int64_t* shape, int ndim,

@@ -61,6 +61,9 @@ struct Change {
   // functions while it is built; an in-place type gets them at commit.
   struct Method {
     std::string name;
+    // qualifiedName is type.method for the new type; an in-place type's old
+    // function has the same name.
+    c10::QualifiedName qualifiedName;
     std::shared_ptr<torch::jit::Graph> graph;
     c10::FunctionSchema schema;
   };
@@ -317,8 +320,7 @@ void retypeBlock(const Plan& plan, Block* block, const std::unordered_set<const 
 }
 
 void installMethod(Plan& plan, const c10::ClassTypePtr& type, const Change::Method& method) {
-  c10::QualifiedName name(*type->name(), method.name);
-  auto* fn = plan.cu->create_function(name, method.graph);
+  auto* fn = plan.cu->create_function(method.qualifiedName, method.graph);
   fn->setSchema(method.schema);
   type->addMethod(fn);
 }
@@ -347,7 +349,8 @@ void buildMethods(Plan& plan) {
         schema = schema.cloneWithArguments(arguments);
         retypeBlock(plan, graph->block(), plan.changedTypes, plan.inPlace);
       }
-      change.methods.push_back({fn->name(), graph, schema});
+      c10::QualifiedName qualifiedName(*change.newType->name(), fn->name());
+      change.methods.push_back({fn->name(), std::move(qualifiedName), graph, schema});
     }
     if (change.copy) {
       plan.cu->register_type(change.newType);
@@ -377,7 +380,7 @@ void commit(Plan& plan) {
     // Removing all methods first keeps their order.
     for (const auto& method : change.methods) {
       change.oldType->unsafeRemoveMethod(method.name);
-      plan.cu->unsafeRemoveMethod(c10::QualifiedName(*change.oldType->name(), method.name));
+      plan.cu->unsafeRemoveMethod(method.qualifiedName);
     }
     for (const auto& method : change.methods) {
       retypeBlock(plan, method.graph->block(), plan.changedTypes, plan.inPlace);
@@ -386,8 +389,10 @@ void commit(Plan& plan) {
   }
 }
 
-void replace(const Module& root, const std::vector<std::string>& paths, const std::vector<Module>& modules) {
-  Plan plan;
+// prepare runs the checks and builds everything the change needs, leaving
+// the tree as it is; commit then applies the plan.
+void prepare(Plan& plan, const Module& root, const std::vector<std::string>& paths,
+             const std::vector<Module>& modules) {
   plan.root = root;
   plan.cu = root._ivalue()->compilation_unit();
   checkPaths(plan, paths);
@@ -413,23 +418,58 @@ void replace(const Module& root, const std::vector<std::string>& paths, const st
 
   buildObjects(plan, census);
   buildMethods(plan);
-  commit(plan);
+}
+
+void prepareFromC(Plan& plan, cs_module* root, const char** paths, cs_module** replacements, int n) {
+  // A submodule's parents may call it through methods compiled for its
+  // current type, which this handle cannot reach to rewrite.
+  TORCH_CHECK(!root->submodule,
+              "replace works on a model's root handle, not on a submodule; pass the full dotted paths to the model");
+  std::vector<std::string> names;
+  std::vector<Module> modules;
+  for (int i = 0; i < n; ++i) {
+    names.emplace_back(paths[i]);
+    modules.push_back(replacements[i]->module);
+  }
+  prepare(plan, root->module, names, modules);
 }
 
 }  // namespace
 
-extern "C" int cs_module_replace(cs_module* root, const char** paths, cs_module** replacements, int n, char** err) {
+// cs_replace_plan is a replacement whose checks have passed and whose types
+// are built, waiting to be committed.
+struct cs_replace_plan {
+  Plan plan;
+  bool committed = false;
+};
+
+extern "C" {
+
+int cs_module_replace(cs_module* root, const char** paths, cs_module** replacements, int n, char** err) {
   return guard(err, [&] {
-    // A submodule's parents may call it through methods compiled for its
-    // current type, which this handle cannot reach to rewrite.
-    TORCH_CHECK(!root->submodule,
-                "replace works on a model's root handle, not on a submodule; pass the full dotted paths to the model");
-    std::vector<std::string> names;
-    std::vector<Module> modules;
-    for (int i = 0; i < n; ++i) {
-      names.emplace_back(paths[i]);
-      modules.push_back(replacements[i]->module);
-    }
-    replace(root->module, names, modules);
+    Plan plan;
+    prepareFromC(plan, root, paths, replacements, n);
+    commit(plan);
   });
 }
+
+int cs_module_replace_prepare(cs_module* root, const char** paths, cs_module** replacements, int n,
+                              cs_replace_plan** out, char** err) {
+  return guard(err, [&] {
+    auto prepared = std::make_unique<cs_replace_plan>();
+    prepareFromC(prepared->plan, root, paths, replacements, n);
+    *out = prepared.release();
+  });
+}
+
+int cs_replace_commit(cs_replace_plan* prepared, char** err) {
+  return guard(err, [&] {
+    TORCH_CHECK(!prepared->committed, "the replacement is already committed");
+    prepared->committed = true;
+    commit(prepared->plan);
+  });
+}
+
+void cs_replace_plan_free(cs_replace_plan* prepared) { delete prepared; }
+
+}  // extern "C"

@@ -86,21 +86,28 @@ func Network(model *torch.Module, infoPath string) (*torch.Module, Changes, erro
 // NetworkInfo is Network with an information file already parsed; source
 // names it in error messages.
 func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module, Changes, error) {
-	layers, err := planLayers(model, info, source)
-	if err != nil {
-		return nil, nil, err
+	if err := info.Check(); err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", source, err)
 	}
 
-	// The draws below advance torch's generator; a failure after them puts
-	// it back, so that a failed call leaves no trace at all.
+	// The draws advance torch's generator; a failure after them puts it
+	// back, so that a failed call leaves no trace at all.
 	generator, err := torch.SaveGeneratorState()
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", source, err)
 	}
 	defer generator.Close()
+
+	// Each layer's weights are drawn on another goroutine as soon as the
+	// layer is planned, while this one plans the rest, builds the new types
+	// and checks the model. Replace changes the model only once every draw
+	// is done.
+	draws := startDrawer(len(info.Entries))
 	succeeded := false
 	defer func() {
-		if succeeded {
+		drawErr := draws.wait()
+		draws.close()
+		if succeeded && drawErr == nil {
 			return
 		}
 		if err := generator.Restore(); err != nil {
@@ -108,15 +115,21 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 		}
 	}()
 
+	layers, err := planLayers(model, info, source, draws)
+	if err != nil {
+		return nil, nil, err
+	}
+
 	builder, err := torch.NewBuilder(model)
 	if err != nil {
 		return nil, nil, err
 	}
 	defer builder.Close()
-	replacements, err := buildReplacements(builder, layers)
+	replacements, err := buildReplacements(builder, layers, draws.queued)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", source, err)
 	}
+	defer closeAll(replacements)
 
 	changes := make(Changes, len(layers))
 	paths := make([]string, len(layers))
@@ -126,12 +139,24 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 	}
 
 	if len(layers) == 1 && layers[0].entry.Layer.Name == "" {
+		if err := draws.wait(); err != nil {
+			return nil, nil, fmt.Errorf("%s: %w", source, err)
+		}
 		slog.Debug("decomposed the model itself", "source", source)
 		succeeded = true
-		return replacements[0], changes, nil
+		root := replacements[0]
+		replacements[0] = nil
+		return root, changes, nil
 	}
-	defer closeAll(replacements)
-	if err := model.Replace(paths, replacements); err != nil {
+	var drawErr error
+	ready := func() error {
+		drawErr = draws.wait()
+		return drawErr
+	}
+	if err := model.ReplaceAfter(paths, replacements, ready); err != nil {
+		if drawErr != nil {
+			return nil, nil, fmt.Errorf("%s: drawing the new weights: %w", source, err)
+		}
 		// Replace checks how the parents use each layer before it changes
 		// anything, so its errors are layers the model cannot give up.
 		return nil, nil, fmt.Errorf("%s: %w: %w", source, ErrUnsupportedLayer, err)
@@ -155,12 +180,9 @@ type plannedLayer struct {
 
 var forwardAlias = regexp.MustCompile(`^forward[0-9]+$`)
 
-// planLayers runs every check that needs no change to the model.
-func planLayers(model *torch.Module, info *Info, source string) ([]plannedLayer, error) {
-	if err := info.Check(); err != nil {
-		return nil, fmt.Errorf("%s: %w", source, err)
-	}
-
+// planLayers runs every check that needs no change to the model, and
+// queues each planned layer's new tensors on draws. info must be checked.
+func planLayers(model *torch.Module, info *Info, source string, draws *drawer) ([]plannedLayer, error) {
 	layers := make([]plannedLayer, 0, len(info.Entries))
 	planned := false
 	defer func() {
@@ -198,6 +220,11 @@ func planLayers(model *torch.Module, info *Info, source string) ([]plannedLayer,
 			return nil, wrap(ErrUnsupportedLayer, "", "%v", err)
 		}
 		layers = append(layers, l)
+		params, err := newLayerParameters(l)
+		if err != nil {
+			return nil, fmt.Errorf("%s: layer %s: %w", source, displayName(e.Layer.Name), err)
+		}
+		draws.add(params)
 	}
 	if err := checkSharing(layers, source); err != nil {
 		return nil, err
@@ -285,81 +312,50 @@ func spec(g ConvGeometry, l plannedLayer) torch.Conv2dSpec {
 	}
 }
 
-// buildReplacements makes the Sequential for each layer, drawing the new
-// parameters in file order, then shares the new parameters of layers whose
-// original parameters were shared. Every layer draws its own parameters
-// first, as torch.nn.Conv2d's constructor does in AMCT, so that the
-// generator advances exactly as there.
-func buildReplacements(b *torch.Builder, layers []plannedLayer) ([]*torch.Module, error) {
+// buildReplacements makes the Sequential for each layer around the new
+// tensors. A layer whose weight or bias is shared with an earlier listed layer
+// takes that layer's new tensors, so the new layers share them as well. Its
+// own draws then only advance the generator, as they do in AMCT.
+func buildReplacements(b *torch.Builder, layers []plannedLayer, params []layerParameters) ([]*torch.Module, error) {
 	defer closeParameters(layers)
-	pairs := make([][2]*torch.Module, len(layers))
-	defer func() {
-		for _, p := range pairs {
-			p[0].Close()
-			p[1].Close()
-		}
-	}()
-	for i, l := range layers {
-		first, err := b.Conv2d(spec(l.first, l))
-		if err != nil {
-			return nil, fmt.Errorf("layer %s: first layer: %w", displayName(l.entry.Layer.Name), err)
-		}
-		pairs[i][0] = first
-		last, err := b.Conv2d(spec(l.last, l))
-		if err != nil {
-			return nil, fmt.Errorf("layer %s: last layer: %w", displayName(l.entry.Layer.Name), err)
-		}
-		pairs[i][1] = last
+	result := make([]*torch.Module, 0, len(layers))
+	fail := func(err error) ([]*torch.Module, error) {
+		closeAll(result)
+		return nil, err
 	}
-
-	for j := range layers {
+	// used[j] are the tensors layer j's new layers hold.
+	used := make([]layerParameters, len(layers))
+	for j, l := range layers {
+		used[j] = params[j]
 		for i := 0; i < j; i++ {
-			if err := shareParameters(layers[i], layers[j], pairs[i], pairs[j]); err != nil {
-				return nil, err
+			if layers[i].weight.Same(l.weight) {
+				used[j].firstWeight, used[j].lastWeight = used[i].firstWeight, used[i].lastWeight
+			}
+			if layers[i].bias != nil && l.bias != nil && layers[i].bias.Same(l.bias) {
+				used[j].lastBias = used[i].lastBias
 			}
 		}
-	}
+		own := used[j]
 
-	result := make([]*torch.Module, 0, len(layers))
-	for i, l := range layers {
-		seq, err := b.Sequential(pairs[i][:], l.aliases, l.original.Training)
+		name := displayName(l.entry.Layer.Name)
+		first, err := b.Conv2dWith(spec(l.first, l), own.firstWeight, nil)
 		if err != nil {
-			closeAll(result)
-			return nil, fmt.Errorf("layer %s: %w", displayName(l.entry.Layer.Name), err)
+			return fail(fmt.Errorf("layer %s: first layer: %w", name, err))
+		}
+		last, err := b.Conv2dWith(spec(l.last, l), own.lastWeight, own.lastBias)
+		if err != nil {
+			first.Close()
+			return fail(fmt.Errorf("layer %s: last layer: %w", name, err))
+		}
+		seq, err := b.Sequential([]*torch.Module{first, last}, l.aliases, l.original.Training)
+		first.Close()
+		last.Close()
+		if err != nil {
+			return fail(fmt.Errorf("layer %s: %w", name, err))
 		}
 		result = append(result, seq)
 	}
 	return result, nil
-}
-
-// shareParameters gives layer b's new layers the parameters of layer a's
-// when the original layers shared the corresponding parameter.
-func shareParameters(a, b plannedLayer, newA, newB [2]*torch.Module) error {
-	type shared struct {
-		same        bool
-		layer, name string
-		index       int
-	}
-	links := []shared{
-		{a.weight.Same(b.weight), "first", "weight", 0},
-		{a.weight.Same(b.weight), "last", "weight", 1},
-		{a.bias != nil && b.bias != nil && a.bias.Same(b.bias), "last", "bias", 1},
-	}
-	for _, link := range links {
-		if !link.same {
-			continue
-		}
-		t, err := newA[link.index].Parameter(link.name)
-		if err != nil {
-			return err
-		}
-		err = newB[link.index].SetParameter(link.name, t)
-		t.Close()
-		if err != nil {
-			return fmt.Errorf("layer %s: sharing the %s layer's %s: %w", displayName(b.entry.Layer.Name), link.layer, link.name, err)
-		}
-	}
-	return nil
 }
 
 func closeAll(modules []*torch.Module) {

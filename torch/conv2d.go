@@ -106,15 +106,100 @@ func (b *Builder) Conv2d(spec Conv2dSpec) (*Module, error) {
 		return nil, fmt.Errorf("conv2d: %w", ErrClosed)
 	}
 	defer runtime.KeepAlive(b)
+	cspec, free := spec.toC()
+	defer free()
+	var out *C.cs_module
+	var msg *C.char
+	if C.cs_builder_conv2d(b.ptr, cspec, &out, &msg) != 0 {
+		return nil, takeError("conv2d", msg)
+	}
+	return newModule(out), nil
+}
+
+// Conv2dWith makes a Conv2d module like Conv2d that holds the given weight
+// and bias (nil when spec has no bias) instead of drawing new ones. The
+// module shares the tensors: later changes to them show in the module.
+func (b *Builder) Conv2dWith(spec Conv2dSpec, weight, bias *Tensor) (*Module, error) {
+	if b == nil || b.ptr == nil {
+		return nil, fmt.Errorf("conv2d: %w", ErrClosed)
+	}
+	if err := weight.check("conv2d"); err != nil {
+		return nil, err
+	}
+	var cbias *C.cs_tensor
+	if bias != nil {
+		if err := bias.check("conv2d"); err != nil {
+			return nil, err
+		}
+		cbias = bias.ptr
+	}
+	defer runtime.KeepAlive(b)
+	defer runtime.KeepAlive(weight)
+	defer runtime.KeepAlive(bias)
+	cspec, free := spec.toC()
+	defer free()
+	var out *C.cs_module
+	var msg *C.char
+	if C.cs_builder_conv2d_with(b.ptr, cspec, weight.ptr, cbias, &out, &msg) != 0 {
+		return nil, takeError("conv2d", msg)
+	}
+	return newModule(out), nil
+}
+
+// NewConv2dParameters allocates the weight and bias (nil when spec has no
+// bias) of a Conv2d in spec's dtype and layout. Their values are undefined
+// until DrawConv2dParameters fills them.
+func NewConv2dParameters(spec Conv2dSpec) (weight, bias *Tensor, err error) {
+	cspec, free := spec.toC()
+	defer free()
+	var w, b *C.cs_tensor
+	var msg *C.char
+	if C.cs_conv2d_parameters(cspec, &w, &b, &msg) != 0 {
+		return nil, nil, takeError("conv2d parameters", msg)
+	}
+	weight = newTensor(w)
+	if b != nil {
+		bias = newTensor(b)
+	}
+	return weight, bias, nil
+}
+
+// DrawConv2dParameters fills a Conv2d's weight, then its bias (may be nil),
+// from libtorch's default generator as torch.nn.Conv2d's constructor does,
+// so that after the same seed the values equal Builder.Conv2d's.
+//
+// It touches only the two tensors and the generator. It may therefore run on
+// one goroutine while a Builder or Replace works on another, as long as
+// nothing else uses the tensors or draws from the generator meanwhile.
+func DrawConv2dParameters(weight, bias *Tensor) error {
+	if err := weight.check("draw"); err != nil {
+		return err
+	}
+	var cbias *C.cs_tensor
+	if bias != nil {
+		if err := bias.check("draw"); err != nil {
+			return err
+		}
+		cbias = bias.ptr
+	}
+	defer runtime.KeepAlive(weight)
+	defer runtime.KeepAlive(bias)
+	var msg *C.char
+	if C.cs_conv2d_draw(weight.ptr, cbias, &msg) != 0 {
+		return takeError("draw", msg)
+	}
+	return nil
+}
+
+// toC converts the spec for the shim; free releases its strings.
+func (spec Conv2dSpec) toC() (*C.cs_conv2d_spec, func()) {
 	mode := spec.PaddingMode
 	if mode == "" {
 		mode = "zeros"
 	}
 	cmode := C.CString(mode)
-	defer C.free(unsafe.Pointer(cmode))
 	cpadding := C.CString(spec.PaddingString)
-	defer C.free(unsafe.Pointer(cpadding))
-	cspec := C.cs_conv2d_spec{
+	cspec := &C.cs_conv2d_spec{
 		in_channels:    C.int64_t(spec.InChannels),
 		out_channels:   C.int64_t(spec.OutChannels),
 		groups:         C.int64_t(spec.Groups),
@@ -131,12 +216,10 @@ func (b *Builder) Conv2d(spec Conv2dSpec) (*Module, error) {
 		cspec.padding[i] = C.int64_t(spec.Padding[i])
 		cspec.dilation[i] = C.int64_t(spec.Dilation[i])
 	}
-	var out *C.cs_module
-	var msg *C.char
-	if C.cs_builder_conv2d(b.ptr, &cspec, &out, &msg) != 0 {
-		return nil, takeError("conv2d", msg)
+	return cspec, func() {
+		C.free(unsafe.Pointer(cmode))
+		C.free(unsafe.Pointer(cpadding))
 	}
-	return newModule(out), nil
 }
 
 // Sequential makes a torch.nn.Sequential of the children, named "0", "1"
@@ -191,6 +274,17 @@ func cBool(v bool) C.int {
 // Submodule is rejected, because its parents' methods would still expect
 // the old types.
 func (m *Module) Replace(paths []string, replacements []*Module) error {
+	return m.ReplaceAfter(paths, replacements, nil)
+}
+
+// ReplaceAfter is Replace with a pause before the change. Once every check
+// has passed and the new types are built, it calls ready (when not nil). It
+// changes the model only if ready returns nil. Otherwise it returns ready's
+// error and the model is as it was.
+//
+// ready must not use the model or the replacements' types. It may wait for
+// work on their tensors, such as DrawConv2dParameters on another goroutine.
+func (m *Module) ReplaceAfter(paths []string, replacements []*Module, ready func() error) error {
 	if err := m.check("replace"); err != nil {
 		return err
 	}
@@ -209,10 +303,24 @@ func (m *Module) Replace(paths []string, replacements []*Module) error {
 	names, free := cStrings(paths)
 	defer free()
 	if len(paths) == 0 {
+		if ready != nil {
+			return ready()
+		}
 		return nil
 	}
+
+	var plan *C.cs_replace_plan
 	var msg *C.char
-	if C.cs_module_replace(m.ptr, &names[0], &mods[0], C.int(len(paths)), &msg) != 0 {
+	if C.cs_module_replace_prepare(m.ptr, &names[0], &mods[0], C.int(len(paths)), &plan, &msg) != 0 {
+		return takeError("replace", msg)
+	}
+	defer C.cs_replace_plan_free(plan)
+	if ready != nil {
+		if err := ready(); err != nil {
+			return err
+		}
+	}
+	if C.cs_replace_commit(plan, &msg) != 0 {
 		return takeError("replace", msg)
 	}
 	return nil

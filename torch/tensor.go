@@ -88,6 +88,13 @@ func newTensor(ptr *C.cs_tensor) *Tensor {
 	return t
 }
 
+func (t *Tensor) check(op string) error {
+	if t == nil || t.ptr == nil {
+		return fmt.Errorf("%s: %w", op, ErrClosed)
+	}
+	return nil
+}
+
 // Close releases the tensor handle. It is safe to call more than once.
 func (t *Tensor) Close() {
 	if t == nil || t.ptr == nil {

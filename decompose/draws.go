@@ -1,0 +1,97 @@
+package decompose
+
+import (
+	"fmt"
+
+	"github.com/convsplit/convsplit/torch"
+)
+
+// layerParameters are the tensors drawn for one entry's new layers: the
+// first layer's weight, the last layer's weight and its bias (nil without).
+type layerParameters struct {
+	firstWeight, lastWeight, lastBias *torch.Tensor
+}
+
+func (p layerParameters) close() {
+	p.firstWeight.Close()
+	p.lastWeight.Close()
+	p.lastBias.Close()
+}
+
+// newLayerParameters allocates the new layers' tensors without drawing them.
+func newLayerParameters(l plannedLayer) (layerParameters, error) {
+	first, _, err := torch.NewConv2dParameters(spec(l.first, l))
+	if err != nil {
+		return layerParameters{}, fmt.Errorf("first layer: %w", err)
+	}
+	last, bias, err := torch.NewConv2dParameters(spec(l.last, l))
+	if err != nil {
+		first.Close()
+		return layerParameters{}, fmt.Errorf("last layer: %w", err)
+	}
+	return layerParameters{firstWeight: first, lastWeight: last, lastBias: bias}, nil
+}
+
+// drawer draws the new tensors on its own goroutine in the order they are
+// queued, so that the caller can plan the next layers, build the new types
+// and check the model meanwhile. The order is AMCT's: for each entry the
+// first layer's weight, then the last layer's weight and bias, as each
+// torch.nn.Conv2d's constructor draws its own.
+type drawer struct {
+	queue chan layerParameters
+	done  chan error
+	// queued are the tensors handed to the goroutine, in order. Only the
+	// caller's goroutine touches it.
+	queued []layerParameters
+	closed bool
+	err    error
+	waited bool
+}
+
+func startDrawer(capacity int) *drawer {
+	d := &drawer{queue: make(chan layerParameters, capacity), done: make(chan error, 1)}
+	go d.run()
+	return d
+}
+
+func (d *drawer) run() {
+	var err error
+	for p := range d.queue {
+		if err != nil {
+			continue // drain the queue after a failure
+		}
+		if err = torch.DrawConv2dParameters(p.firstWeight, nil); err == nil {
+			err = torch.DrawConv2dParameters(p.lastWeight, p.lastBias)
+		}
+	}
+	d.done <- err
+}
+
+// add queues one entry's tensors for drawing.
+func (d *drawer) add(p layerParameters) {
+	d.queued = append(d.queued, p)
+	d.queue <- p
+}
+
+// wait ends the queue, waits for every queued draw and returns the first
+// error. It may be called more than once.
+func (d *drawer) wait() error {
+	if !d.closed {
+		close(d.queue)
+		d.closed = true
+	}
+	if !d.waited {
+		d.err = <-d.done
+		d.waited = true
+	}
+	return d.err
+}
+
+// close waits for the draws and releases the handles of the tensors.
+func (d *drawer) close() {
+	d.wait()
+	for _, p := range d.queued {
+		p.close()
+	}
+	d.queued = nil
+}
