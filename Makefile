@@ -42,6 +42,7 @@ test: build fixtures vet
 	CONVSPLIT_FIXTURES=$(abspath $(FIXTURES)) $(GO) test -count=1 -race -run Concurrent ./decompose/
 	@echo "fuzz smoke runs of the information-file parser and validation"
 	CONVSPLIT_FIXTURES=$(abspath $(FIXTURES)) $(GO) test -run '^$$' -fuzz '^FuzzParseInfo$$' -fuzztime 10s -parallel 1 ./decompose/
+	CONVSPLIT_FIXTURES=$(abspath $(FIXTURES)) $(GO) test -run '^$$' -fuzz '^FuzzScanInfo$$' -fuzztime 10s -parallel 1 ./decompose/
 	CONVSPLIT_FIXTURES=$(abspath $(FIXTURES)) $(GO) test -run '^$$' -fuzz '^FuzzNetworkInfo$$' -fuzztime 10s -parallel 1 ./decompose/
 
 run: build

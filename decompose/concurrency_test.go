@@ -232,3 +232,69 @@ func writeConcurrentInfo(t *testing.T, info *decompose.Info) string {
 	require.NoError(t, info.WriteFile(path))
 	return path
 }
+
+// TestConcurrentFailureKeepsOthersDraws runs Network calls that fail after
+// their draws (a parent reads the layer's weight, so Replace rejects it)
+// next to successful calls. The failed calls put the generator back, which
+// must not rewind the successful calls into drawing the same values twice.
+func TestConcurrentFailureKeepsOthersDraws(t *testing.T) {
+	dir, manifest := shapeSet(t)
+	failing := shapeCaseOf(t, manifest, "reads_weight")
+	badModel, err := torch.Load(filepath.Join(dir, failing.Model))
+	require.NoError(t, err)
+	defer badModel.Close()
+	badInfo := filepath.Join(dir, failing.Info)
+
+	good, err := torch.Load(testutil.Fixture(t, "mixed"))
+	require.NoError(t, err)
+	defer good.Close()
+	goodInfo := testutil.AMCT("mixed", "decompose_info.json")
+	info, err := decompose.ReadInfo(goodInfo)
+	require.NoError(t, err)
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	failures := 0
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, _, err := decompose.Network(badModel, badInfo); err != nil {
+				failures++
+			}
+		}
+	}()
+
+	for round := 0; round < 8; round++ {
+		clone, err := good.Clone()
+		require.NoError(t, err)
+		result, _, err := decompose.Network(clone, goodInfo)
+		require.NoError(t, err)
+
+		// Any four consecutive float32 values seen twice mean a rewind.
+		seen := map[[4]float32]string{}
+		for _, e := range info.Entries {
+			for _, layer := range []string{"0", "1"} {
+				name := e.Layer.Name + "." + layer + ".weight"
+				values := float32s(t, parameter(t, result, name))
+				for k := 0; k+4 <= len(values); k++ {
+					window := [4]float32(values[k : k+4])
+					if earlier, ok := seen[window]; ok {
+						t.Fatalf("round %d: %s[%d:%d] repeats %s", round, name, k, k+4, earlier)
+					}
+					seen[window] = fmt.Sprintf("%s[%d]", name, k)
+				}
+			}
+		}
+		result.Close()
+		clone.Close()
+	}
+	close(stop)
+	wg.Wait()
+	assert.Positive(t, failures, "no failing call ran alongside")
+}

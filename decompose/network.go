@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
+	"sync"
 
 	"github.com/convsplit/convsplit/torch"
 )
@@ -74,7 +75,13 @@ func (c Changes) MarshalJSON() ([]byte, error) {
 // New weights come from libtorch's default generator in AMCT's order: for
 // each entry in file order, the first layer's weight, the last layer's
 // weight, then its bias. After torch.ManualSeed(n) they equal what AMCT
-// draws after torch.manual_seed(n).
+// draws after torch.manual_seed(n). The draws run on a second goroutine
+// while Network builds the new types and checks the model.
+//
+// Concurrent calls on distinct models are safe. They draw one call after
+// the other, so a failed call that rewinds the generator never undoes
+// another call's draws. Other code drawing from libtorch's generator at the
+// same time interleaves with the draws.
 func Network(model *torch.Module, infoPath string) (*torch.Module, Changes, error) {
 	info, err := ReadInfo(infoPath)
 	if err != nil {
@@ -83,6 +90,10 @@ func Network(model *torch.Module, infoPath string) (*torch.Module, Changes, erro
 	return NetworkInfo(model, info, infoPath)
 }
 
+// drawLock serializes Network calls from generator save to commit or
+// rewind, so each call's draws form one run of the generator's stream.
+var drawLock sync.Mutex
+
 // NetworkInfo is Network with an information file already parsed; source
 // names it in error messages.
 func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module, Changes, error) {
@@ -90,8 +101,11 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 		return nil, nil, fmt.Errorf("%s: %w", source, err)
 	}
 
-	// The draws advance torch's generator; a failure after them puts it
-	// back, so that a failed call leaves no trace at all.
+	// The draws advance torch's generator, and a failure after them puts it
+	// back so that a failed call leaves no trace at all. The lock keeps that
+	// rewind from undoing the draws of a concurrent call.
+	drawLock.Lock()
+	defer drawLock.Unlock()
 	generator, err := torch.SaveGeneratorState()
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", source, err)
