@@ -79,6 +79,8 @@ struct Plan {
   // The types of all changes after the commit, and those changed in place.
   std::unordered_set<const c10::ClassType*> changedTypes;
   std::unordered_map<const c10::ClassType*, const Change*> inPlace;
+  // Names given to copied types, which join the compilation unit at commit.
+  std::unordered_set<std::string> reservedNames;
 };
 
 // ---------------------------------------------------------------------------
@@ -103,12 +105,12 @@ void checkPaths(Plan& plan, const std::vector<std::string>& paths) {
 // reachable by more than one path.
 struct ModuleCensus {
   std::unordered_map<const c10::ClassType*, int> instances;
+  std::unordered_set<const c10::ivalue::Object*> objects;
   bool shared = false;
 };
 
-void countModules(const c10::ivalue::Object& object, std::unordered_set<const c10::ivalue::Object*>& seen,
-                  ModuleCensus& census) {
-  if (!seen.insert(&object).second) {
+void countModules(const c10::ivalue::Object& object, ModuleCensus& census) {
+  if (!census.objects.insert(&object).second) {
     census.shared = true;
     return;
   }
@@ -116,15 +118,30 @@ void countModules(const c10::ivalue::Object& object, std::unordered_set<const c1
   census.instances[&type]++;
   for (size_t i = 0; i < type.numAttributes(); ++i) {
     const c10::IValue& child = object.getSlot(i);
-    if (child.isObject() && child.toObjectRef().type()->is_module()) countModules(child.toObjectRef(), seen, census);
+    if (child.isObject() && child.toObjectRef().type()->is_module()) countModules(child.toObjectRef(), census);
   }
 }
 
 ModuleCensus takeCensus(const Module& root) {
   ModuleCensus census;
-  std::unordered_set<const c10::ivalue::Object*> seen;
-  countModules(*root._ivalue(), seen, census);
+  countModules(*root._ivalue(), census);
   return census;
+}
+
+// checkOutsideTree rejects a replacement that contains a module of the
+// model other than the replaced layer and its own submodules, such as the
+// layer's parent: the tree would contain a cycle or one module twice.
+// Wrapping the replaced layer itself is fine, since it leaves its place.
+void checkOutsideTree(const ModuleCensus& census, const Module& root, const std::string& path,
+                      const Module& replacement) {
+  std::unordered_set<const c10::ivalue::Object*> moving;
+  for (const auto& m : convsplit::findSubmodule(root, path).modules()) moving.insert(m._ivalue().get());
+  for (const auto& item : replacement.named_modules()) {
+    const auto* object = item.value._ivalue().get();
+    TORCH_CHECK(!census.objects.count(object) || moving.count(object), "the replacement for layer '", path, "' ",
+                item.name.empty() ? std::string("is") : "contains, as '" + item.name + "',",
+                " a module of the model; build a new module instead");
+  }
 }
 
 // checkAliasing rejects trees in which a changed module is reachable by two
@@ -237,8 +254,32 @@ c10::TypePtr newAttributeType(const Change& change, const std::string& name, con
   return childType;
 }
 
+// freshName returns the first name of the form a.b.___torch_mangle_N.Class
+// that no type or function of the compilation unit or of the plan has.
+// CompilationUnit::mangle would also find one, but it advances a counter, so
+// a plan that is never committed would change the names of later types.
+//
+//   __torch__.torchvision.models.resnet.BasicBlock
+//     -> __torch__.torchvision.models.resnet.___torch_mangle_0.BasicBlock
+//   __torch__.m.___torch_mangle_7.Block -> __torch__.m.___torch_mangle_0.Block
+c10::QualifiedName freshName(Plan& plan, const c10::QualifiedName& name) {
+  static const std::string prefix = "___torch_mangle_";
+  std::vector<std::string> atoms = name.atoms();
+  auto mangled = std::find_if(atoms.begin(), atoms.end(),
+                              [](const std::string& atom) { return atom.rfind(prefix, 0) == 0; });
+  if (mangled == atoms.end()) mangled = atoms.insert(atoms.end() - 1, prefix);
+  for (size_t n = 0;; ++n) {
+    *mangled = prefix + std::to_string(n);
+    c10::QualifiedName candidate(atoms);
+    if (!plan.cu->get_type(candidate) && !plan.cu->find_function(candidate) &&
+        plan.reservedNames.insert(candidate.qualifiedName()).second) {
+      return candidate;
+    }
+  }
+}
+
 void buildCopy(Plan& plan, Change& change) {
-  auto name = plan.cu->mangle(*change.oldType->name());
+  auto name = freshName(plan, *change.oldType->name());
   change.newType = c10::ClassType::create(name, plan.cu, /*is_module=*/true);
   const auto& old = change.oldType;
   for (size_t i = 0; i < old->numAttributes(); ++i) {
@@ -352,10 +393,6 @@ void buildMethods(Plan& plan) {
       c10::QualifiedName qualifiedName(*change.newType->name(), fn->name());
       change.methods.push_back({fn->name(), std::move(qualifiedName), graph, schema});
     }
-    if (change.copy) {
-      plan.cu->register_type(change.newType);
-      for (const auto& method : change.methods) installMethod(plan, change.newType, method);
-    }
   }
 }
 
@@ -363,6 +400,14 @@ void buildMethods(Plan& plan) {
 // Phase 3: commit.
 
 void commit(Plan& plan) {
+  // Copied types join the compilation unit only now, so that a plan that is
+  // never committed leaves nothing behind. Their names are fresh mangles.
+  for (auto& [path, change] : plan.changes) {
+    if (!change.copy) continue;
+    plan.cu->register_type(change.newType);
+    for (const auto& method : change.methods) installMethod(plan, change.newType, method);
+  }
+
   for (auto& [path, change] : plan.changes) {
     if (change.copy) continue;
     for (const auto& [attr, type] : change.attributeTypes) {
@@ -413,6 +458,7 @@ void prepare(Plan& plan, const Module& root, const std::vector<std::string>& pat
     }
   }
   ModuleCensus census = takeCensus(root);
+  for (size_t i = 0; i < paths.size(); ++i) checkOutsideTree(census, root, paths[i], modules[i]);
   if (census.shared) checkAliasing(plan);
   checkUses(plan);
 

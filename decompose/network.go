@@ -65,10 +65,16 @@ func (c Changes) MarshalJSON() ([]byte, error) {
 //
 // The model changes in place and the returned module is model itself,
 // except when the file lists the model itself (layer name ""): then model is
-// left untouched and a new Sequential is returned. Layers that share a
-// weight get new layers that share their new weights. Every check (the file,
-// each layer's existence, type and geometry, and how its parents use it)
-// runs before anything changes, so after an error the model is as it was.
+// left untouched and a new Sequential is returned, independent of model as
+// a Clone is. Layers that share a weight get new layers that share their new
+// weights. Every check (the file, each layer's existence, type and geometry,
+// and how its parents use it) runs before anything changes, so after an
+// error the model is as it was.
+//
+// NOTE: a call that fails after planning leaves the new layers' class types,
+// unused, in the model's compilation unit. The model's modules, parameters
+// and saved file stay as they were, but the next call's types get other
+// mangled names (___torch_mangle_N) in the saved code.
 // Errors wrap the sentinels of this package and name the file, the entry's
 // layer and the field.
 //
@@ -97,6 +103,9 @@ var drawLock sync.Mutex
 // NetworkInfo is Network with an information file already parsed; source
 // names it in error messages.
 func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module, Changes, error) {
+	if info == nil {
+		return nil, nil, fmt.Errorf("%s: %w: no information", source, ErrInvalidInfo)
+	}
 	if err := info.Check(); err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", source, err)
 	}
@@ -156,10 +165,14 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 		if err := draws.wait(); err != nil {
 			return nil, nil, fmt.Errorf("%s: %w", source, err)
 		}
+		// The new Sequential's types live in the model's compilation unit.
+		// A copy has its own, so that the two can be used concurrently.
+		root, err := replacements[0].Clone()
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: %w", source, err)
+		}
 		slog.Debug("decomposed the model itself", "source", source)
 		succeeded = true
-		root := replacements[0]
-		replacements[0] = nil
 		return root, changes, nil
 	}
 	var drawErr error

@@ -268,9 +268,10 @@ func cBool(v bool) C.int {
 // error the model is as it was. A layer may only be called by its parents'
 // methods (prim::CallMethod of a method the replacement also has): a parent
 // that reads the layer's attributes or passes the layer along is rejected.
-// Modules between the root and a layer whose class type is shared with
-// other modules get a new object of a new type; the root object stays the
-// same. Replace must be called on a model's root handle: a handle from
+// A replacement may wrap the layer it replaces, but may not contain any
+// other module of the model. Modules between the root and a layer whose
+// class type is shared with other modules get a new object of a new type;
+// the root object stays the same. Replace must be called on a model's root handle: a handle from
 // Submodule is rejected, because its parents' methods would still expect
 // the old types.
 func (m *Module) Replace(paths []string, replacements []*Module) error {

@@ -2,6 +2,8 @@ package torch_test
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -169,4 +171,28 @@ func TestReplaceAfterReady(t *testing.T) {
 			assert.Equal(t, "Sequential", moduleClass(t, m, "down"))
 		})
 	}
+}
+
+// TestReplaceAfterFailureLeavesNoTypes checks that a replacement whose ready
+// fails leaves no new class types behind: committing the same replacement
+// afterwards saves the same file as committing it at once. resnet18's
+// BasicBlocks share a type, so the replacement copies one.
+func TestReplaceAfterFailureLeavesNoTypes(t *testing.T) {
+	save := func(failFirst bool) []byte {
+		m := loadModel(t, "resnet18")
+		torch.ManualSeed(3)
+		replacement := sequentialOf(t, m, "layer1.0.conv1")
+		paths := []string{"layer1.0.conv1"}
+		if failFirst {
+			err := m.ReplaceAfter(paths, []*torch.Module{replacement}, func() error { return errors.New("not ready") })
+			require.Error(t, err)
+		}
+		require.NoError(t, m.Replace(paths, []*torch.Module{replacement}))
+		path := filepath.Join(t.TempDir(), "model.pt")
+		require.NoError(t, m.Save(path))
+		data, err := os.ReadFile(path)
+		require.NoError(t, err)
+		return data
+	}
+	assert.Equal(t, save(false), save(true), "the saved files differ")
 }

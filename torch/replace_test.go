@@ -580,6 +580,28 @@ func TestReplaceRejected(t *testing.T) {
 				return sequentialOf(t, otherModel, path)
 			},
 			want: []string{"'down'", "another model"}},
+		{name: "replacement from the model", model: "mixed", paths: []string{"down"},
+			build: func(t *testing.T, owner *torch.Module, _ string) *torch.Module {
+				tail, err := owner.Submodule("tail")
+				require.NoError(t, err)
+				t.Cleanup(tail.Close)
+				return tail
+			},
+			want: []string{"'down'", "a module of the model"}},
+		{name: "replacement holding a module of the model", model: "mixed", paths: []string{"stem"},
+			build: func(t *testing.T, owner *torch.Module, _ string) *torch.Module {
+				down, err := owner.Submodule("down")
+				require.NoError(t, err)
+				defer down.Close()
+				b, err := torch.NewBuilder(owner)
+				require.NoError(t, err)
+				defer b.Close()
+				seq, err := b.Sequential([]*torch.Module{down}, nil, false)
+				require.NoError(t, err)
+				t.Cleanup(seq.Close)
+				return seq
+			},
+			want: []string{"'stem'", "as '0'", "a module of the model"}},
 		{name: "layer reachable by two paths", model: "aliased", paths: []string{"a"},
 			want: []string{"'b'", "'a'", "same object"}},
 		{name: "second path of a shared layer", model: "aliased", paths: []string{"b"},
