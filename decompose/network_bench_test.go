@@ -41,11 +41,22 @@ func loadBenchModel(b *testing.B, path string) *torch.Module {
 // cpuTime returns the CPU time (user and system) the process has used so
 // far, all threads included.
 func cpuTime(b *testing.B) time.Duration {
+	usage := rusage(b)
+	return time.Duration(usage.Utime.Nano() + usage.Stime.Nano())
+}
+
+// pageFaults returns the number of minor page faults the process has taken
+// so far: each is a fresh page of memory touched for the first time.
+func pageFaults(b *testing.B) int64 {
+	return rusage(b).Minflt
+}
+
+func rusage(b *testing.B) syscall.Rusage {
 	var usage syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &usage); err != nil {
 		b.Fatal(err)
 	}
-	return time.Duration(usage.Utime.Nano() + usage.Stime.Nano())
+	return usage
 }
 
 // benchmarkNetwork times decompose.Network on a fresh Clone of model per
@@ -62,6 +73,7 @@ func cpuTime(b *testing.B) time.Duration {
 func benchmarkNetwork(b *testing.B, model *torch.Module, infoPath string, layers int) {
 	b.ReportAllocs()
 	var cpu time.Duration
+	var faults int64
 	times := make([]time.Duration, 0, b.N)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -70,12 +82,13 @@ func benchmarkNetwork(b *testing.B, model *torch.Module, infoPath string, layers
 		if err != nil {
 			b.Fatal(err)
 		}
-		startCPU, start := cpuTime(b), time.Now()
+		startFaults, startCPU, start := pageFaults(b), cpuTime(b), time.Now()
 		b.StartTimer()
 		result, _, err := decompose.Network(clone, infoPath)
 		b.StopTimer()
 		times = append(times, time.Since(start))
 		cpu += cpuTime(b) - startCPU
+		faults += pageFaults(b) - startFaults
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -86,6 +99,7 @@ func benchmarkNetwork(b *testing.B, model *torch.Module, infoPath string, layers
 	b.StopTimer()
 	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/float64(layers), "us/layer")
 	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64(faults)/float64(b.N), "faults/op")
 	reportSpread(b, times)
 }
 
@@ -167,6 +181,7 @@ func BenchmarkNetworkDraws(b *testing.B) {
 func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
 	specs := benchLayerSpecs(b, model, infoPath)
 	var cpu time.Duration
+	var faults int64
 	times := make([]time.Duration, 0, b.N)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -176,7 +191,7 @@ func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
 			b.Fatal(err)
 		}
 		tensors := make([]*torch.Tensor, 0, 2*len(specs))
-		startCPU, start := cpuTime(b), time.Now()
+		startFaults, startCPU, start := pageFaults(b), cpuTime(b), time.Now()
 		b.StartTimer()
 		for _, spec := range specs {
 			weight, bias, err := torch.NewConv2dParameters(spec)
@@ -191,6 +206,7 @@ func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
 		b.StopTimer()
 		times = append(times, time.Since(start))
 		cpu += cpuTime(b) - startCPU
+		faults += pageFaults(b) - startFaults
 		for _, t := range tensors {
 			t.Close()
 		}
@@ -199,6 +215,7 @@ func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64(faults)/float64(b.N), "faults/op")
 	reportSpread(b, times)
 
 	var weights int
