@@ -72,6 +72,21 @@ func rusage(b *testing.B) syscall.Rusage {
 // -benchtime=30x keeps the run short.
 func benchmarkNetwork(b *testing.B, model *torch.Module, infoPath string, layers int) {
 	b.ReportAllocs()
+	timeOnClones(b, model, func(clone *torch.Module) func() {
+		result, _, err := decompose.Network(clone, infoPath)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return result.Close
+	})
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/float64(layers), "us/layer")
+}
+
+// timeOnClones times body on a fresh Clone of model per iteration. Cloning,
+// the release function body returns and closing the clone are not timed. It
+// reports the CPU time (cpu-ns/op), the page faults (faults/op) and the
+// spread of the timed calls.
+func timeOnClones(b *testing.B, model *torch.Module, body func(clone *torch.Module) (release func())) {
 	var cpu time.Duration
 	var faults int64
 	times := make([]time.Duration, 0, b.N)
@@ -84,20 +99,16 @@ func benchmarkNetwork(b *testing.B, model *torch.Module, infoPath string, layers
 		}
 		startFaults, startCPU, start := pageFaults(b), cpuTime(b), time.Now()
 		b.StartTimer()
-		result, _, err := decompose.Network(clone, infoPath)
+		release := body(clone)
 		b.StopTimer()
 		times = append(times, time.Since(start))
 		cpu += cpuTime(b) - startCPU
 		faults += pageFaults(b) - startFaults
-		if err != nil {
-			b.Fatal(err)
-		}
-		result.Close()
+		release()
 		clone.Close()
 		b.StartTimer()
 	}
 	b.StopTimer()
-	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/float64(layers), "us/layer")
 	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
 	b.ReportMetric(float64(faults)/float64(b.N), "faults/op")
 	reportSpread(b, times)
@@ -180,19 +191,8 @@ func BenchmarkNetworkDraws(b *testing.B) {
 // weights drawn (weights/op).
 func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
 	specs := benchLayerSpecs(b, model, infoPath)
-	var cpu time.Duration
-	var faults int64
-	times := make([]time.Duration, 0, b.N)
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		b.StopTimer()
-		clone, err := model.Clone()
-		if err != nil {
-			b.Fatal(err)
-		}
+	timeOnClones(b, model, func(*torch.Module) func() {
 		tensors := make([]*torch.Tensor, 0, 2*len(specs))
-		startFaults, startCPU, start := pageFaults(b), cpuTime(b), time.Now()
-		b.StartTimer()
 		for _, spec := range specs {
 			weight, bias, err := torch.NewConv2dParameters(spec)
 			if err != nil {
@@ -203,20 +203,12 @@ func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
 				b.Fatal(err)
 			}
 		}
-		b.StopTimer()
-		times = append(times, time.Since(start))
-		cpu += cpuTime(b) - startCPU
-		faults += pageFaults(b) - startFaults
-		for _, t := range tensors {
-			t.Close()
+		return func() {
+			for _, t := range tensors {
+				t.Close()
+			}
 		}
-		clone.Close()
-		b.StartTimer()
-	}
-	b.StopTimer()
-	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
-	b.ReportMetric(float64(faults)/float64(b.N), "faults/op")
-	reportSpread(b, times)
+	})
 
 	var weights int
 	for _, spec := range specs {
