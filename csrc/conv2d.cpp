@@ -655,6 +655,30 @@ ConvGeometry geometryOf(const cs_conv2d_spec* spec) {
   return g;
 }
 
+// optionalString copies s for the C API, or returns NULL when it is empty.
+char* optionalString(const std::string& s) { return s.empty() ? nullptr : convsplit::copyString(s); }
+
+void fillGeometry(cs_layer& out, const ConvGeometry& g) {
+  out.in_channels = g.in_channels;
+  out.out_channels = g.out_channels;
+  out.groups = g.groups;
+  for (int i = 0; i < 2; ++i) {
+    out.kernel_size[i] = g.kernel_size[i];
+    out.stride[i] = g.stride[i];
+    out.padding[i] = g.padding[i];
+    out.dilation[i] = g.dilation[i];
+  }
+  out.padding_mode = optionalString(g.padding_mode);
+  out.padding_string = optionalString(g.padding_string);
+  out.dtype = optionalString(c10::toString(g.dtype));
+  out.bias = g.bias;
+  out.scripted = g.scripted;
+  out.channels_last = g.channels_last;
+  out.training = g.training;
+  out.weight_ndim = static_cast<int>(std::min<size_t>(g.weight_shape.size(), 4));
+  for (int i = 0; i < out.weight_ndim; ++i) out.weight_shape[i] = g.weight_shape[i];
+}
+
 }  // namespace
 
 extern "C" {
@@ -667,54 +691,50 @@ int cs_conv2d_geometry(cs_module* m, char** json, char** err) {
   });
 }
 
-int cs_describe_layer(cs_module* root, const char* path, char** json, cs_tensor** weight, cs_tensor** bias,
-                      char** err) {
-  return guard(err, [&] {
-    *weight = nullptr;
-    *bias = nullptr;
-    JsonWriter w;
-    w.beginObject();
+int cs_describe_layer(cs_module* root, const char* path, cs_layer* out, char** err) {
+  *out = cs_layer{};
+  int status = guard(err, [&] {
     Module layer;
     try {
       layer = convsplit::findSubmodule(root->module, path);
     } catch (const c10::Error&) {
-      w.key("found").value(false).endObject();
-      *json = convsplit::copyString(w.str());
-      return;
+      return;  // found stays 0
     }
     auto type = layer.type();
     std::string plain = convsplit::unmangledName(type);
-    w.key("found").value(true);
-    w.key("type").value(type->name()->qualifiedName());
-    w.key("class").value(plain.substr(plain.rfind('.') + 1));
-    w.key("conv2d").value(convsplit::isConv2dType(type));
-    if (convsplit::isConv2dType(type)) {
-      std::string geometryError;
-      ConvGeometry geometry;
-      try {
-        geometry = readGeometry(layer);
-      } catch (const c10::Error& e) {
-        geometryError = convsplit::cleanMessage(e.what_without_backtrace());
-      }
-      if (geometryError.empty()) {
-        w.key("geometry");
-        convsplit::writeGeometry(w, geometry);
-      } else {
-        w.key("geometry_error").value(geometryError);
-      }
-      w.key("methods").beginArray();
-      for (const auto* fn : type->methods()) w.value(fn->name());
-      w.endArray();
-      for (const char* name : {"weight", "bias"}) {
-        auto slot = type->findAttributeSlot(name);
-        if (!slot) continue;
-        c10::IValue v = layer._ivalue()->getSlot(*slot);
-        if (v.isTensor()) *(std::string(name) == "weight" ? weight : bias) = new cs_tensor{v.toTensor()};
-      }
+    out->found = 1;
+    out->type = optionalString(type->name()->qualifiedName());
+    out->class_name = optionalString(plain.substr(plain.rfind('.') + 1));
+    if (!convsplit::isConv2dType(type)) return;
+    out->conv2d = 1;
+
+    try {
+      fillGeometry(*out, readGeometry(layer));
+    } catch (const c10::Error& e) {
+      out->geometry_error = optionalString(convsplit::cleanMessage(e.what_without_backtrace()));
     }
-    w.endObject();
-    *json = convsplit::copyString(w.str());
+    std::string methods;
+    for (const auto* fn : type->methods()) methods += fn->name() + "\n";
+    out->methods = optionalString(methods);
+    for (const char* name : {"weight", "bias"}) {
+      auto slot = type->findAttributeSlot(name);
+      if (!slot) continue;
+      c10::IValue v = layer._ivalue()->getSlot(*slot);
+      if (v.isTensor()) *(std::string(name) == "weight" ? &out->weight : &out->bias_tensor) = new cs_tensor{v.toTensor()};
+    }
   });
+  if (status != 0) cs_layer_free(out);
+  return status;
+}
+
+void cs_layer_free(cs_layer* layer) {
+  for (char* s : {layer->type, layer->class_name, layer->padding_mode, layer->padding_string, layer->dtype,
+                  layer->geometry_error, layer->methods}) {
+    std::free(s);
+  }
+  delete layer->weight;
+  delete layer->bias_tensor;
+  *layer = cs_layer{};
 }
 
 int cs_builder_new(cs_module* owner, cs_builder** out, char** err) {

@@ -54,12 +54,27 @@ int cs_module_forward(cs_module* m, cs_tensor** inputs, int n_inputs,
 /* Conv2d introspection: geometry of the Conv2d module m as JSON. */
 int cs_conv2d_geometry(cs_module* m, char** json, char** err);
 
-/* Describes the module at path in one call, for planning a decomposition:
- * JSON {found, type, class, conv2d, and for a Conv2d geometry (or
- * geometry_error) and methods}, and the Conv2d's weight and bias (NULL when
- * absent), which the caller frees. */
-int cs_describe_layer(cs_module* root, const char* path, char** json, cs_tensor** weight, cs_tensor** bias,
-                      char** err);
+/* cs_layer describes a module for planning a decomposition. Strings are
+ * malloc'd (NULL when empty); cs_layer_free releases them. The geometry
+ * fields are set for a Conv2d whose geometry could be read, and
+ * geometry_error otherwise. methods lists the Conv2d's methods, each ended
+ * by a newline. weight and bias (NULL when absent) are the caller's. */
+typedef struct cs_layer {
+  int found, conv2d;
+  char *type, *class_name;
+  int64_t in_channels, out_channels, groups;
+  int64_t kernel_size[2], stride[2], padding[2], dilation[2];
+  char *padding_mode, *padding_string, *dtype;
+  int bias, scripted, channels_last, training;
+  int64_t weight_shape[4];
+  int weight_ndim;
+  char *geometry_error, *methods;
+  cs_tensor *weight, *bias_tensor;
+} cs_layer;
+
+/* Describes the module at path in one call. */
+int cs_describe_layer(cs_module* root, const char* path, cs_layer* out, char** err);
+void cs_layer_free(cs_layer* layer);
 
 /*
  * Builders make new modules in the compilation unit of an existing module,

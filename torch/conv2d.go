@@ -360,21 +360,55 @@ func (m *Module) DescribeLayer(path string) (Layer, error) {
 	defer runtime.KeepAlive(m)
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
-	var text, msg *C.char
-	var weight, bias *C.cs_tensor
-	if C.cs_describe_layer(m.ptr, cpath, &text, &weight, &bias, &msg) != 0 {
+	// A struct rather than JSON: planning describes every listed layer, and
+	// decoding JSON took most of the time of each description.
+	var out C.cs_layer
+	var msg *C.char
+	if C.cs_describe_layer(m.ptr, cpath, &out, &msg) != 0 {
 		return layer, takeError("describe layer", msg)
 	}
-	if weight != nil {
-		layer.Weight = newTensor(weight)
+	defer C.cs_layer_free(&out)
+
+	layer.Found = out.found != 0
+	layer.Type = C.GoString(out._type)
+	layer.Class = C.GoString(out.class_name)
+	layer.Conv2d = out.conv2d != 0
+	layer.GeometryError = C.GoString(out.geometry_error)
+	if out.methods != nil {
+		layer.Methods = strings.Split(strings.TrimSuffix(C.GoString(out.methods), "\n"), "\n")
 	}
-	if bias != nil {
-		layer.Bias = newTensor(bias)
+	if layer.Conv2d && layer.GeometryError == "" {
+		layer.Geometry = conv2dOf(&out)
 	}
-	if err := takeJSON("describe layer", text, &layer); err != nil {
-		layer.Weight.Close()
-		layer.Bias.Close()
-		return Layer{}, err
+	// The handles move to Go; cs_layer_free must not release them.
+	if out.weight != nil {
+		layer.Weight = newTensor(out.weight)
+		out.weight = nil
+	}
+	if out.bias_tensor != nil {
+		layer.Bias = newTensor(out.bias_tensor)
+		out.bias_tensor = nil
 	}
 	return layer, nil
+}
+
+// conv2dOf reads the geometry fields of a layer description.
+func conv2dOf(out *C.cs_layer) Conv2d {
+	g := Conv2d{
+		InChannels: int(out.in_channels), OutChannels: int(out.out_channels), Groups: int(out.groups),
+		PaddingMode: C.GoString(out.padding_mode), PaddingString: C.GoString(out.padding_string),
+		Bias: out.bias != 0, Scripted: out.scripted != 0, ChannelsLast: out.channels_last != 0,
+		Training: out.training != 0, DType: C.GoString(out.dtype),
+		WeightShape: make([]int64, int(out.weight_ndim)),
+	}
+	for i := 0; i < 2; i++ {
+		g.KernelSize[i] = int(out.kernel_size[i])
+		g.Stride[i] = int(out.stride[i])
+		g.Padding[i] = int(out.padding[i])
+		g.Dilation[i] = int(out.dilation[i])
+	}
+	for i := range g.WeightShape {
+		g.WeightShape[i] = int64(out.weight_shape[i])
+	}
+	return g
 }

@@ -626,3 +626,53 @@ func TestBuilderSequentialErrors(t *testing.T) {
 	_, err := b.Sequential([]*torch.Module{conv, closedChild}, nil, false)
 	assert.ErrorIs(t, err, torch.ErrClosed)
 }
+
+func TestDescribeLayer(t *testing.T) {
+	tests := []struct {
+		name, model, path string
+		found, conv2d     bool
+		class             string
+		// geometryError is a part of the expected reason, "" for none.
+		geometryError string
+		method        string
+	}{
+		{"scripted Conv2d", "mixed", "down", true, true, "Conv2d", "", "_conv_forward"},
+		{"container", "mixed", "blocks", true, false, "ModuleList", "", ""},
+		{"missing", "mixed", "nope", false, false, "", "", ""},
+		{"traced layer called twice", "twice_traced", "conv", true, true, "Conv2d", "", "forward1"},
+		{"traced graph not recognized", "conv_add_after_traced", "", true, true, "Conv2d", "aten::add", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := loadModel(t, tt.model)
+			layer, err := m.DescribeLayer(tt.path)
+			require.NoError(t, err)
+			defer layer.Weight.Close()
+			defer layer.Bias.Close()
+			assert.Equal(t, tt.found, layer.Found)
+			assert.Equal(t, tt.conv2d, layer.Conv2d)
+			assert.Equal(t, tt.class, layer.Class)
+			if !tt.conv2d {
+				assert.Nil(t, layer.Weight)
+				return
+			}
+			require.NotNil(t, layer.Weight)
+			if tt.method != "" {
+				assert.Contains(t, layer.Methods, tt.method)
+			}
+			if tt.geometryError != "" {
+				assert.Contains(t, layer.GeometryError, tt.geometryError)
+				return
+			}
+			assert.Empty(t, layer.GeometryError)
+			sub, err := m.Submodule(tt.path)
+			require.NoError(t, err)
+			defer sub.Close()
+			want, err := sub.Conv2d()
+			require.NoError(t, err)
+			assert.Equal(t, want, layer.Geometry, "the geometry Conv2d reads")
+			assert.Equal(t, layer.Weight.Shape(), layer.Geometry.WeightShape)
+			assert.NotEmpty(t, layer.Type)
+		})
+	}
+}
