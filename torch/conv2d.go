@@ -269,11 +269,13 @@ func cBool(v bool) C.int {
 // methods (prim::CallMethod of a method the replacement also has): a parent
 // that reads the layer's attributes or passes the layer along is rejected.
 // A replacement may wrap the layer it replaces, but may not contain any
-// other module of the model. Modules between the root and a layer whose
-// class type is shared with other modules get a new object of a new type;
-// the root object stays the same. Replace must be called on a model's root handle: a handle from
-// Submodule is rejected, because its parents' methods would still expect
-// the old types.
+// other module of the model.
+//
+// Modules between the root and a layer whose class type is shared with other
+// modules get a new object of a new type, while the root object stays the
+// same. Replace must be called on a model's root handle. A handle from
+// Submodule is rejected, because its parents' methods would still expect the
+// old types.
 func (m *Module) Replace(paths []string, replacements []*Module) error {
 	return m.ReplaceAfter(paths, replacements, nil)
 }
