@@ -33,7 +33,8 @@ func newLayerParameters(l plannedLayer) (layerParameters, error) {
 }
 
 // drawer draws the queued tensors on its own goroutine, in queue order, so
-// that the caller can build the new types and check the model meanwhile.
+// that the caller can plan the next layers, build the new types and check
+// the model meanwhile.
 // The order is AMCT's: for each entry the first layer's weight, then the
 // last layer's weight and bias, as each torch.nn.Conv2d's constructor draws
 // its own.
@@ -51,9 +52,7 @@ func newDrawer(capacity int) *drawer {
 	return &drawer{queue: make(chan layerParameters, capacity), done: make(chan error, 1)}
 }
 
-// start starts drawing. Queuing every tensor first lets the goroutine run
-// its draws back to back: in a benchmark on resnet50, starting it before
-// planning made Network slower, as it kept waiting for the next layer.
+// start starts drawing the tensors queued so far and those queued later.
 func (d *drawer) start() {
 	d.started = true
 	go d.run()

@@ -121,9 +121,10 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 	}
 	defer generator.Close()
 
-	// The weights are drawn on another goroutine once every layer is
-	// planned, while this one builds the new types and checks the model.
-	// Replace changes the model only once every draw is done.
+	// Each layer's weights are drawn on another goroutine as soon as the
+	// layer is planned, while this one plans the rest, builds the new types
+	// and checks the model. Replace changes the model only once every draw
+	// is done.
 	draws := newDrawer(len(info.Entries))
 	succeeded := false
 	defer func() {
@@ -137,11 +138,11 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 		}
 	}()
 
+	draws.start()
 	layers, err := planLayers(model, info, source, draws)
 	if err != nil {
 		return nil, nil, err
 	}
-	draws.start()
 
 	builder, err := torch.NewBuilder(model)
 	if err != nil {
