@@ -558,9 +558,8 @@ func TestParseInfoSyntaxErrorWrapsCause(t *testing.T) {
 	assert.Contains(t, err.Error(), "invalid character '{' after array element")
 }
 
-// FuzzParseInfo checks that ParseInfo never panics and that whatever it
-// accepts survives Marshal and a second ParseInfo unchanged.
-func FuzzParseInfo(f *testing.F) {
+// addAMCTSeeds adds every information file that AMCT wrote to the seed corpus.
+func addAMCTSeeds(f *testing.F) {
 	paths, err := filepath.Glob("../testdata/amct/*/decompose_info.json")
 	require.NoError(f, err)
 	for _, path := range paths {
@@ -568,6 +567,12 @@ func FuzzParseInfo(f *testing.F) {
 		require.NoError(f, err)
 		f.Add(data)
 	}
+}
+
+// FuzzParseInfo checks that ParseInfo never panics and that whatever it
+// accepts survives Marshal and a second ParseInfo unchanged.
+func FuzzParseInfo(f *testing.F) {
+	addAMCTSeeds(f)
 	f.Add([]byte("[" + goodEntry + "]"))
 	f.Add([]byte(`[{"ori_layer_info": {"name": "\ud83d\ude00\u0000"}}]`))
 

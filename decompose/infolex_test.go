@@ -2,7 +2,6 @@ package decompose
 
 import (
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -185,13 +184,7 @@ func TestScanInfoOneByteEdits(t *testing.T) {
 // decodeInfo, built on encoding/json, accepts and returns the same Info.
 // Its seed corpus in testdata/fuzz/FuzzScanInfo is a copy of FuzzParseInfo's.
 func FuzzScanInfo(f *testing.F) {
-	paths, err := filepath.Glob("../testdata/amct/*/decompose_info.json")
-	require.NoError(f, err)
-	for _, path := range paths {
-		data, err := os.ReadFile(path)
-		require.NoError(f, err)
-		f.Add(data)
-	}
+	addAMCTSeeds(f)
 	f.Add([]byte("[" + goodEntry + "]"))
 	f.Add([]byte("[" + strings.Replace(goodEntry, `"conv"`, `"\ud83d\ude00\u0000\/"`, 1) + "]"))
 	f.Add([]byte("[" + strings.Replace(goodEntry, `"mode"`, `"mo\u0064e"`, 1) + "]"))
