@@ -120,8 +120,9 @@ int cs_builder_sequential(cs_builder* b, cs_module** children, int n_children,
 int cs_module_replace(cs_module* root, const char** paths, cs_module** replacements,
                       int n, char** err);
 /* cs_module_replace in two steps: prepare runs every check and builds the
- * new types without changing the model; commit changes it. Nothing may
- * change the model in between. A plan is committed at most once. */
+ * new types without changing the model, and commit changes it. Commit does
+ * not repeat the checks, so the caller must not change the model in
+ * between. Committing a plan a second time fails. */
 typedef struct cs_replace_plan cs_replace_plan;
 int cs_module_replace_prepare(cs_module* root, const char** paths, cs_module** replacements, int n,
                               cs_replace_plan** out, char** err);

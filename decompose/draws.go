@@ -34,8 +34,7 @@ func newLayerParameters(l plannedLayer) (layerParameters, error) {
 
 // drawer draws the queued tensors on its own goroutine, in queue order, so
 // that the caller can plan the next layers, build the new types and check
-// the model meanwhile.
-// The order is AMCT's: for each entry the first layer's weight, then the
+// the model meanwhile. The order is AMCT's: for each entry the first layer's weight, then the
 // last layer's weight and bias, as each torch.nn.Conv2d's constructor draws
 // its own.
 type drawer struct {
@@ -43,9 +42,9 @@ type drawer struct {
 	done  chan error
 	// queued are the tensors handed to the goroutine, in order. Only the
 	// caller's goroutine touches it.
-	queued                  []layerParameters
-	started, closed, waited bool
-	err                     error
+	queued           []layerParameters
+	started, stopped bool
+	err              error
 }
 
 func newDrawer(capacity int) *drawer {
@@ -81,25 +80,21 @@ func (d *drawer) add(p layerParameters) {
 // error. It may be called more than once, and returns nil at once if the
 // drawing never started.
 func (d *drawer) wait() error {
-	if !d.started {
-		return nil
-	}
-	if !d.closed {
+	if d.started && !d.stopped {
 		close(d.queue)
-		d.closed = true
-	}
-	if !d.waited {
 		d.err = <-d.done
-		d.waited = true
+		d.stopped = true
 	}
 	return d.err
 }
 
-// close waits for the draws and releases the handles of the tensors.
-func (d *drawer) close() {
-	d.wait()
+// close waits for the draws, releases the handles of the tensors and
+// returns wait's error.
+func (d *drawer) close() error {
+	err := d.wait()
 	for _, p := range d.queued {
 		p.close()
 	}
 	d.queued = nil
+	return err
 }

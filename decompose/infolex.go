@@ -107,8 +107,9 @@ func (s *infoScanner) scanEntry(entry *Entry) bool {
 	})
 }
 
-// scanObject reads a JSON object that has each of keys exactly once and no
-// other key, calling scan for each key in file order to read its value.
+// scanObject reads a JSON object, calling scan for each key in file order to
+// read its value. It returns false unless each of keys occurs exactly once
+// and no other key occurs.
 func (s *infoScanner) scanObject(keys []string, scan func(key string) bool) bool {
 	if !s.consume('{') || s.consume('}') {
 		return false

@@ -69,14 +69,8 @@ func (c Changes) MarshalJSON() ([]byte, error) {
 // a Clone is. Layers that share a weight get new layers that share their new
 // weights. Every check (the file, each layer's existence, type and geometry,
 // and how its parents use it) runs before anything changes, so after an
-// error the model is as it was.
-//
-// NOTE: a call that fails after planning leaves the new layers' class types,
-// unused, in the model's compilation unit. The model's modules, parameters
-// and saved file stay as they were, but the next call's types get other
-// mangled names (___torch_mangle_N) in the saved code.
-// Errors wrap the sentinels of this package and name the file, the entry's
-// layer and the field.
+// error the model is as it was. Errors wrap the sentinels of this package
+// and name the file, the entry's layer and the field.
 //
 // New weights come from libtorch's default generator in AMCT's order: for
 // each entry in file order, the first layer's weight, the last layer's
@@ -88,6 +82,11 @@ func (c Changes) MarshalJSON() ([]byte, error) {
 // the other, so a failed call that rewinds the generator never undoes
 // another call's draws. Other code drawing from libtorch's generator at the
 // same time interleaves with the draws.
+//
+// NOTE: a call that fails after planning leaves the new layers' class types,
+// unused, in the model's compilation unit. The model's modules, parameters
+// and saved file stay as they were, but the next call's types get other
+// mangled names (___torch_mangle_N) in the saved code.
 func Network(model *torch.Module, infoPath string) (*torch.Module, Changes, error) {
 	info, err := ReadInfo(infoPath)
 	if err != nil {
@@ -128,8 +127,7 @@ func NetworkInfo(model *torch.Module, info *Info, source string) (*torch.Module,
 	draws := newDrawer(len(info.Entries))
 	succeeded := false
 	defer func() {
-		drawErr := draws.wait()
-		draws.close()
+		drawErr := draws.close()
 		if succeeded && drawErr == nil {
 			return
 		}

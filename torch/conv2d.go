@@ -123,15 +123,9 @@ func (b *Builder) Conv2dWith(spec Conv2dSpec, weight, bias *Tensor) (*Module, er
 	if b == nil || b.ptr == nil {
 		return nil, fmt.Errorf("conv2d: %w", ErrClosed)
 	}
-	if err := weight.check("conv2d"); err != nil {
+	cweight, cbias, err := parameterPointers("conv2d", weight, bias)
+	if err != nil {
 		return nil, err
-	}
-	var cbias *C.cs_tensor
-	if bias != nil {
-		if err := bias.check("conv2d"); err != nil {
-			return nil, err
-		}
-		cbias = bias.ptr
 	}
 	defer runtime.KeepAlive(b)
 	defer runtime.KeepAlive(weight)
@@ -140,7 +134,7 @@ func (b *Builder) Conv2dWith(spec Conv2dSpec, weight, bias *Tensor) (*Module, er
 	defer free()
 	var out *C.cs_module
 	var msg *C.char
-	if C.cs_builder_conv2d_with(b.ptr, cspec, weight.ptr, cbias, &out, &msg) != 0 {
+	if C.cs_builder_conv2d_with(b.ptr, cspec, cweight, cbias, &out, &msg) != 0 {
 		return nil, takeError("conv2d", msg)
 	}
 	return newModule(out), nil
@@ -172,23 +166,32 @@ func NewConv2dParameters(spec Conv2dSpec) (weight, bias *Tensor, err error) {
 // one goroutine while a Builder or Replace works on another, as long as
 // nothing else uses the tensors or draws from the generator meanwhile.
 func DrawConv2dParameters(weight, bias *Tensor) error {
-	if err := weight.check("draw"); err != nil {
+	cweight, cbias, err := parameterPointers("draw", weight, bias)
+	if err != nil {
 		return err
-	}
-	var cbias *C.cs_tensor
-	if bias != nil {
-		if err := bias.check("draw"); err != nil {
-			return err
-		}
-		cbias = bias.ptr
 	}
 	defer runtime.KeepAlive(weight)
 	defer runtime.KeepAlive(bias)
 	var msg *C.char
-	if C.cs_conv2d_draw(weight.ptr, cbias, &msg) != 0 {
+	if C.cs_conv2d_draw(cweight, cbias, &msg) != 0 {
 		return takeError("draw", msg)
 	}
 	return nil
+}
+
+// parameterPointers returns the shim handles of a Conv2d's weight and of its
+// bias, nil when bias is nil. A closed tensor gives an error naming op.
+func parameterPointers(op string, weight, bias *Tensor) (*C.cs_tensor, *C.cs_tensor, error) {
+	if err := weight.check(op); err != nil {
+		return nil, nil, err
+	}
+	if bias == nil {
+		return weight.ptr, nil, nil
+	}
+	if err := bias.check(op); err != nil {
+		return nil, nil, err
+	}
+	return weight.ptr, bias.ptr, nil
 }
 
 // toC converts the spec for the shim; free releases its strings.
