@@ -151,8 +151,8 @@ func BenchmarkNetwork(b *testing.B) {
 
 // BenchmarkNetworkLayers restructures resnet50 with the first 1, 10 and all
 // entries of its information file, to show how the time grows with the
-// number of layers. Each count runs Network and, for comparison, the draws
-// of the same layers alone.
+// number of layers. Each count is measured as BenchmarkNetworkBeyondDraws
+// measures a whole file.
 func BenchmarkNetworkLayers(b *testing.B) {
 	model := loadBenchModel(b, benchFixture(b, "resnet50"))
 	info, err := decompose.ReadInfo(testutil.AMCT("resnet50", "decompose_info.json"))
@@ -166,11 +166,8 @@ func BenchmarkNetworkLayers(b *testing.B) {
 		if err := truncated.WriteFile(path); err != nil {
 			b.Fatal(err)
 		}
-		b.Run(strconv.Itoa(n)+"/network", func(b *testing.B) {
-			benchmarkNetwork(b, model, path, n)
-		})
-		b.Run(strconv.Itoa(n)+"/draws", func(b *testing.B) {
-			benchmarkDraws(b, model, path)
+		b.Run(strconv.Itoa(n), func(b *testing.B) {
+			benchmarkBeyondDraws(b, model, path)
 		})
 	}
 }
@@ -195,24 +192,7 @@ func BenchmarkNetworkDraws(b *testing.B) {
 // weights drawn (weights/op).
 func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
 	specs := benchLayerSpecs(b, model, infoPath)
-	timeOnClones(b, model, func(*torch.Module) func() {
-		tensors := make([]*torch.Tensor, 0, 2*len(specs))
-		for _, spec := range specs {
-			weight, bias, err := torch.NewConv2dParameters(spec)
-			if err != nil {
-				b.Fatal(err)
-			}
-			tensors = append(tensors, weight, bias)
-			if err := torch.DrawConv2dParameters(weight, bias); err != nil {
-				b.Fatal(err)
-			}
-		}
-		return func() {
-			for _, t := range tensors {
-				t.Close()
-			}
-		}
-	})
+	timeOnClones(b, model, func(*torch.Module) func() { return drawAll(b, specs) })
 
 	var weights int
 	for _, spec := range specs {
@@ -222,6 +202,100 @@ func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
 		}
 	}
 	b.ReportMetric(float64(weights), "weights/op")
+}
+
+// BenchmarkNetworkBeyondDraws measures what Network costs beyond its weight
+// draws (see benchmarkBeyondDraws).
+func BenchmarkNetworkBeyondDraws(b *testing.B) {
+	for _, name := range []string{"resnet50", "vgg16"} {
+		b.Run(name, func(b *testing.B) {
+			benchmarkBeyondDraws(b, loadBenchModel(b, benchFixture(b, name)), testutil.AMCT(name, "decompose_info.json"))
+		})
+	}
+}
+
+// benchmarkBeyondDraws measures Network's cost beyond its weight draws as
+// paired differences. Each iteration times Network on one fresh clone and
+// the draws alone (as benchmarkDraws does them) on another, in an order that
+// alternates between iterations, so both calls of a pair meet the same
+// machine state. It reports the median of the per-pair differences
+// (beyond-ns/op) and the medians of both calls. The medians of separate
+// BenchmarkNetwork and BenchmarkNetworkDraws runs, minutes apart, can differ
+// by as much as the quantity measured here.
+func benchmarkBeyondDraws(b *testing.B, model *torch.Module, infoPath string) {
+	specs := benchLayerSpecs(b, model, infoPath)
+	network := func(clone *torch.Module) func() {
+		result, _, err := decompose.Network(clone, infoPath)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return result.Close
+	}
+	draws := func(*torch.Module) func() { return drawAll(b, specs) }
+
+	var networkTimes, drawTimes, beyond []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		var networkTime, drawTime time.Duration
+		if i%2 == 0 {
+			networkTime, drawTime = timeOnce(b, model, network), timeOnce(b, model, draws)
+		} else {
+			drawTime, networkTime = timeOnce(b, model, draws), timeOnce(b, model, network)
+		}
+		networkTimes = append(networkTimes, networkTime)
+		drawTimes = append(drawTimes, drawTime)
+		beyond = append(beyond, networkTime-drawTime)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(median(beyond).Nanoseconds()), "beyond-ns/op")
+	b.ReportMetric(float64(median(networkTimes).Nanoseconds()), "network-ns/op")
+	b.ReportMetric(float64(median(drawTimes).Nanoseconds()), "draws-ns/op")
+}
+
+// timeOnce times one call of body on a fresh clone of model. Cloning,
+// releasing and closing the clone stay outside the benchmark's timer.
+func timeOnce(b *testing.B, model *torch.Module, body func(clone *torch.Module) (release func())) time.Duration {
+	b.StopTimer()
+	clone, err := model.Clone()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.StartTimer()
+	start := time.Now()
+	release := body(clone)
+	elapsed := time.Since(start)
+	b.StopTimer()
+	release()
+	clone.Close()
+	b.StartTimer()
+	return elapsed
+}
+
+func median(times []time.Duration) time.Duration {
+	sorted := slices.Clone(times)
+	slices.Sort(sorted)
+	return sorted[len(sorted)/2]
+}
+
+// drawAll allocates and draws the tensors of specs one after the other on
+// the calling goroutine, and returns the function that releases them.
+func drawAll(b *testing.B, specs []torch.Conv2dSpec) (release func()) {
+	tensors := make([]*torch.Tensor, 0, 2*len(specs))
+	for _, spec := range specs {
+		weight, bias, err := torch.NewConv2dParameters(spec)
+		if err != nil {
+			b.Fatal(err)
+		}
+		tensors = append(tensors, weight, bias)
+		if err := torch.DrawConv2dParameters(weight, bias); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return func() {
+		for _, t := range tensors {
+			t.Close()
+		}
+	}
 }
 
 // benchLayerSpecs returns the specs of the layers Network makes for the
