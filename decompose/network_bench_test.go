@@ -140,11 +140,17 @@ func benchEntryCount(b *testing.B, infoPath string) int {
 // this kind of machine are in testdata/amct/*/reference.json
 // (amct_seconds.decompose_network).
 func BenchmarkNetwork(b *testing.B) {
+	onZooModels(b, func(b *testing.B, model *torch.Module, infoPath string) {
+		benchmarkNetwork(b, model, infoPath, benchEntryCount(b, infoPath))
+	})
+}
+
+// onZooModels runs bench as one sub-benchmark per large zoo model, on the
+// loaded model and AMCT's information file for it.
+func onZooModels(b *testing.B, bench func(b *testing.B, model *torch.Module, infoPath string)) {
 	for _, name := range []string{"resnet50", "vgg16"} {
 		b.Run(name, func(b *testing.B) {
-			model := loadBenchModel(b, benchFixture(b, name))
-			infoPath := testutil.AMCT(name, "decompose_info.json")
-			benchmarkNetwork(b, model, infoPath, benchEntryCount(b, infoPath))
+			bench(b, loadBenchModel(b, benchFixture(b, name)), testutil.AMCT(name, "decompose_info.json"))
 		})
 	}
 }
@@ -175,11 +181,7 @@ func BenchmarkNetworkLayers(b *testing.B) {
 // BenchmarkNetworkDraws times the weight draws of Network alone (see
 // benchmarkDraws), the floor under Network's time.
 func BenchmarkNetworkDraws(b *testing.B) {
-	for _, name := range []string{"resnet50", "vgg16"} {
-		b.Run(name, func(b *testing.B) {
-			benchmarkDraws(b, loadBenchModel(b, benchFixture(b, name)), testutil.AMCT(name, "decompose_info.json"))
-		})
-	}
+	onZooModels(b, benchmarkDraws)
 }
 
 // benchmarkDraws times the draws alone: the new tensors Network allocates
@@ -207,11 +209,7 @@ func benchmarkDraws(b *testing.B, model *torch.Module, infoPath string) {
 // BenchmarkNetworkBeyondDraws measures what Network costs beyond its weight
 // draws (see benchmarkBeyondDraws).
 func BenchmarkNetworkBeyondDraws(b *testing.B) {
-	for _, name := range []string{"resnet50", "vgg16"} {
-		b.Run(name, func(b *testing.B) {
-			benchmarkBeyondDraws(b, loadBenchModel(b, benchFixture(b, name)), testutil.AMCT(name, "decompose_info.json"))
-		})
-	}
+	onZooModels(b, benchmarkBeyondDraws)
 }
 
 // benchmarkBeyondDraws measures Network's cost beyond its weight draws as
