@@ -82,35 +82,19 @@ func benchmarkNetwork(b *testing.B, model *torch.Module, infoPath string, layers
 	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/float64(layers), "us/layer")
 }
 
-// timeOnClones times body on a fresh Clone of model per iteration. Cloning,
-// the release function body returns and closing the clone are not timed. It
-// reports the CPU time (cpu-ns/op), the page faults (faults/op) and the
-// spread of the timed calls.
+// timeOnClones times body on a fresh Clone of model per iteration (see
+// timeOnce). It reports the CPU time (cpu-ns/op), the page faults
+// (faults/op) and the spread of the timed calls.
 func timeOnClones(b *testing.B, model *torch.Module, body func(clone *torch.Module) (release func())) {
 	var cpu time.Duration
 	var faults int64
 	times := make([]time.Duration, 0, b.N)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		b.StopTimer()
-		clone, err := model.Clone()
-		if err != nil {
-			b.Fatal(err)
-		}
-		startFaults, startCPU := pageFaults(b), cpuTime(b)
-		b.StartTimer()
-		// StartTimer and StopTimer read the memory statistics, which stops
-		// the world, so the call's own clock starts and stops inside them.
-		start := time.Now()
-		release := body(clone)
-		elapsed := time.Since(start)
-		b.StopTimer()
-		times = append(times, elapsed)
-		cpu += cpuTime(b) - startCPU
-		faults += pageFaults(b) - startFaults
-		release()
-		clone.Close()
-		b.StartTimer()
+		call := timeOnce(b, model, body)
+		times = append(times, call.elapsed)
+		cpu += call.cpu
+		faults += call.faults
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
@@ -118,13 +102,51 @@ func timeOnClones(b *testing.B, model *torch.Module, body func(clone *torch.Modu
 	reportSpread(b, times)
 }
 
+// timedCall is one call measured by timeOnce.
+type timedCall struct {
+	elapsed, cpu time.Duration
+	faults       int64
+}
+
+// timeOnce times one call of body on a fresh clone of model, with the
+// process's CPU time and page faults during it. Cloning, the release
+// function body returns and closing the clone stay outside the benchmark's
+// timer.
+func timeOnce(b *testing.B, model *torch.Module, body func(clone *torch.Module) (release func())) timedCall {
+	b.StopTimer()
+	clone, err := model.Clone()
+	if err != nil {
+		b.Fatal(err)
+	}
+	startFaults, startCPU := pageFaults(b), cpuTime(b)
+	b.StartTimer()
+	// StartTimer and StopTimer read the memory statistics, which stops the
+	// world, so the call's own clock starts and stops inside them.
+	start := time.Now()
+	release := body(clone)
+	elapsed := time.Since(start)
+	b.StopTimer()
+	call := timedCall{elapsed: elapsed, cpu: cpuTime(b) - startCPU, faults: pageFaults(b) - startFaults}
+	release()
+	clone.Close()
+	b.StartTimer()
+	return call
+}
+
 // reportSpread reports the fastest and the median of the timed calls
 // (min-ns/op, median-ns/op), which other processes on the machine disturb
 // less than the mean.
 func reportSpread(b *testing.B, times []time.Duration) {
-	slices.Sort(times)
-	b.ReportMetric(float64(times[0].Nanoseconds()), "min-ns/op")
-	b.ReportMetric(float64(times[len(times)/2].Nanoseconds()), "median-ns/op")
+	b.ReportMetric(float64(slices.Min(times).Nanoseconds()), "min-ns/op")
+	b.ReportMetric(float64(median(times).Nanoseconds()), "median-ns/op")
+}
+
+// median returns the middle value of times, the upper one of the two
+// middle values for an even count, and leaves times unsorted.
+func median(times []time.Duration) time.Duration {
+	sorted := slices.Clone(times)
+	slices.Sort(sorted)
+	return sorted[len(sorted)/2]
 }
 
 func benchEntryCount(b *testing.B, infoPath string) int {
@@ -157,8 +179,8 @@ func onZooModels(b *testing.B, bench func(b *testing.B, model *torch.Module, inf
 
 // BenchmarkNetworkLayers restructures resnet50 with the first 1, 10 and all
 // entries of its information file, to show how the time grows with the
-// number of layers. Each count is measured as BenchmarkNetworkBeyondDraws
-// measures a whole file.
+// number of layers. Each count is measured in pairs, as in
+// BenchmarkNetworkBeyondDraws.
 func BenchmarkNetworkLayers(b *testing.B) {
 	model := loadBenchModel(b, benchFixture(b, "resnet50"))
 	info, err := decompose.ReadInfo(testutil.AMCT("resnet50", "decompose_info.json"))
@@ -234,12 +256,13 @@ func benchmarkBeyondDraws(b *testing.B, model *torch.Module, infoPath string) {
 	var networkTimes, drawTimes, beyond []time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		var networkTime, drawTime time.Duration
+		var networkCall, drawCall timedCall
 		if i%2 == 0 {
-			networkTime, drawTime = timeOnce(b, model, network), timeOnce(b, model, draws)
+			networkCall, drawCall = timeOnce(b, model, network), timeOnce(b, model, draws)
 		} else {
-			drawTime, networkTime = timeOnce(b, model, draws), timeOnce(b, model, network)
+			drawCall, networkCall = timeOnce(b, model, draws), timeOnce(b, model, network)
 		}
+		networkTime, drawTime := networkCall.elapsed, drawCall.elapsed
 		networkTimes = append(networkTimes, networkTime)
 		drawTimes = append(drawTimes, drawTime)
 		beyond = append(beyond, networkTime-drawTime)
@@ -248,31 +271,6 @@ func benchmarkBeyondDraws(b *testing.B, model *torch.Module, infoPath string) {
 	b.ReportMetric(float64(median(beyond).Nanoseconds()), "beyond-ns/op")
 	b.ReportMetric(float64(median(networkTimes).Nanoseconds()), "network-ns/op")
 	b.ReportMetric(float64(median(drawTimes).Nanoseconds()), "draws-ns/op")
-}
-
-// timeOnce times one call of body on a fresh clone of model. Cloning,
-// releasing and closing the clone stay outside the benchmark's timer.
-func timeOnce(b *testing.B, model *torch.Module, body func(clone *torch.Module) (release func())) time.Duration {
-	b.StopTimer()
-	clone, err := model.Clone()
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.StartTimer()
-	start := time.Now()
-	release := body(clone)
-	elapsed := time.Since(start)
-	b.StopTimer()
-	release()
-	clone.Close()
-	b.StartTimer()
-	return elapsed
-}
-
-func median(times []time.Duration) time.Duration {
-	sorted := slices.Clone(times)
-	slices.Sort(sorted)
-	return sorted[len(sorted)/2]
 }
 
 // drawAll allocates and draws the tensors of specs one after the other on
