@@ -1,5 +1,8 @@
 # convsplit: build, test and demo. Every target installs what it needs.
 SHELL := /bin/bash
+# Go's release archive installs to /usr/local/go, which a fresh shell may not
+# have on PATH.
+export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 PYTHON := /usr/bin/python3
 FIXTURES := build/fixtures
